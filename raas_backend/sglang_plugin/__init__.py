@@ -1,10 +1,57 @@
-"""SGLang plugin entry point (group ``sglang.srt.plugins``, name ``raas``)."""
+"""SGLang plugin entry point (group ``sglang.srt.plugins``, name ``raas``).
+
+SGLang calls `register()` in the launcher, the engine and every scheduler process. It
+lets SGLang run on the CPU without sgl-kernel, registers `--attention-backend raas`
+(the backend class is imported lazily, inside the factory), installs the scheduler
+hooks that evict and free slots, and validates `custom_params.kv_policy` where SGLang
+validates sampling parameters, so a bad value is a 400 and never a crashed scheduler.
+"""
 
 from __future__ import annotations
 
+BACKEND_NAME = "raas"
+
+
+def _create_backend(model_runner):
+    from raas_backend.sglang_plugin.backend import RaasAttnBackend
+
+    return RaasAttnBackend(model_runner)
+
 
 def register() -> None:
-    """Called by SGLang's plugin loader in every SGLang process."""
+    from sglang.srt.arg_groups.choices import add_attention_backend_choices
+    from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from raas_backend.sglang_plugin import request_validation, scheduler_hooks
     from raas_backend.sglang_plugin.cpu_support import enable_cpu_execution
 
     enable_cpu_execution()
+    register_attention_backend(BACKEND_NAME)(_create_backend)
+    add_attention_backend_choices([BACKEND_NAME])
+
+    HookRegistry.register(
+        "sglang.srt.managers.schedule_batch.ScheduleBatch.maybe_evict_swa",
+        scheduler_hooks.before_decode_alloc,
+        HookType.BEFORE,
+    )
+    HookRegistry.register(
+        "sglang.srt.mem_cache.base_prefix_cache.BasePrefixCache.free_kv_row",
+        scheduler_hooks.around_free_kv_row,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.mem_cache.common.release_kv_cache",
+        scheduler_hooks.around_release_kv_cache,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.pool_stats_observer.kv_private_tokens",
+        scheduler_hooks.around_kv_private_tokens,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.sampling.sampling_params.SamplingParams.verify",
+        request_validation.after_verify,
+        HookType.AFTER,
+    )

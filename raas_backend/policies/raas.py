@@ -1,0 +1,47 @@
+"""RaaS: evict the page that has gone unused longest."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from raas_backend.policies.base import KVPolicy
+
+
+class RaaSPolicy(KVPolicy):
+    """Reasoning-Aware Attention Sparsity (Hu et al., Findings of ACL 2025).
+
+    Each decode page carries `last_used`, the latest step at which its aggregated
+    attention mass exceeded alpha (a new page starts at its creation step). Once
+    retained decode tokens exceed the budget, the page with the oldest `last_used`
+    goes first (ties: the oldest page). Milestone pages that keep being attended
+    survive; pages that stop being attended age out.
+
+    Parameters
+    ----------
+    alpha : mass threshold for "used" (config.alpha).
+    refresh_top_fraction : adaptive variant; the top fraction of attended pages by mass
+        is also refreshed each step, whatever alpha says.
+    """
+
+    name = "raas"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.last_used: list[int] = []
+
+    def _on_new_page(self, page: int, step: int) -> None:
+        self.last_used.append(step)
+
+    def _record(self, pages: list[int], scores: torch.Tensor, step: int) -> None:
+        used = scores > self.config.alpha
+        frac = self.config.refresh_top_fraction
+        if frac > 0.0:
+            k = max(1, math.ceil(frac * len(pages)))
+            used[torch.topk(scores, k).indices] = True
+        for i in used.nonzero().flatten().tolist():
+            self.last_used[pages[i]] = step
+
+    def _eviction_order(self, candidates: list[int]) -> list[int]:
+        return sorted(candidates, key=lambda p: (self.last_used[p], p))

@@ -1,0 +1,87 @@
+"""One request's KV policy state, driven step by step by an engine or the reference.
+
+Shared by the SGLang backend and `reference.py`, so the oracle and the engine run the
+same bookkeeping; what differs between them is the model implementation and the
+attention plumbing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raas_backend.policies import KVPolicy, KVPolicyConfig, make_policy
+
+
+class RequestKV:
+    """Policy + page table + the per-step score accumulator of one request."""
+
+    def __init__(self, config: KVPolicyConfig, prompt_len: int) -> None:
+        self.config = config
+        self.policy: KVPolicy = make_policy(config, prompt_len)
+        self.step = 0
+        self._acc: torch.Tensor | None = None
+        self._layers = 0
+        self.pages: list[int] = []
+
+    @property
+    def table(self):
+        return self.policy.table
+
+    @property
+    def needs_scores(self) -> bool:
+        return self.policy.needs_scores
+
+    @property
+    def selects_per_layer(self) -> bool:
+        return self.config.name == "quest"
+
+    def begin_step(self) -> list[int]:
+        """Before a decode step: fold the last step's scores, add the new token, evict.
+
+        Returns the positions whose slots must be freed now.
+        """
+        scores = self._finish_scores()
+        self.policy.update(scores, self.step)
+        self.step += 1
+        self.policy.on_token(self.step)
+        victims = self.policy.victims()
+        freed = self.table.evict(victims) if victims else []
+        # Quest chooses its pages per layer, from that layer's query (select_for_layer).
+        self.pages = (
+            list(self.table.retained) if self.selects_per_layer else self.policy.attended_pages()
+        )
+        return freed
+
+    def positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, token_page) attended this step; token_page -1 for the prompt."""
+        return self.table.retained_positions(self.pages), self.table.token_pages(self.pages)
+
+    def add_layer_mass(self, mass: torch.Tensor) -> None:
+        """Fold one layer's page mass (shape [len(pages), num_qo_heads]) into the step."""
+        per_page = mass.amax(dim=1) if self.config.head_agg == "max" else mass.mean(dim=1)
+        per_page = per_page.float().cpu()
+        if self._acc is None:
+            self._acc = per_page.clone()
+        elif self.config.layer_agg == "max":
+            torch.maximum(self._acc, per_page, out=self._acc)
+        else:
+            self._acc += per_page
+        self._layers += 1
+
+    def select_for_layer(self, bounds: torch.Tensor) -> list[int]:
+        """Quest: choose this layer's pages from bounds of shape [retained, num_qo_heads]."""
+        per_page = bounds.amax(dim=1) if self.config.head_agg == "max" else bounds.mean(dim=1)
+        return self.policy.attended_pages(per_page.float().cpu())
+
+    def _finish_scores(self) -> torch.Tensor:
+        n = len(self.policy._last_attended)
+        if self._acc is None or not self.needs_scores:
+            scores = torch.zeros(n)
+        else:
+            scores = self._acc if self.config.layer_agg == "max" else self._acc / self._layers
+        self._acc = None
+        self._layers = 0
+        return scores
+
+    def stats(self) -> dict[str, int | str | float]:
+        return self.policy.stats()

@@ -1,0 +1,177 @@
+"""The `raas` attention backend for SGLang.
+
+Prefill runs as in SGLang's torch-native backend (full causal attention over the
+prompt). Each decode step attends, per request, over the prompt, the pages its policy
+retains and the tail page; the page scores the policy needs come from the same
+attention probabilities. The index (CSR over slots) is built once per step in
+`init_forward_metadata` and read by every layer; quest requests re-select pages per
+layer from that layer's query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from raas_backend.kernels import torch_ref
+from raas_backend.kernels.torch_ref import page_key_bounds, quest_bounds
+from raas_backend.request_kv import RequestKV
+from raas_backend.sglang_plugin.runtime import activate_runtime
+
+if TYPE_CHECKING:
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+
+@dataclass
+class DecodeIndex:
+    """The slots each request attends this step, shared by all layers.
+
+    kv_indptr: shape [batch + 1], dtype int64. kv_indices: shape [nnz], dtype int64.
+    token_page: shape [nnz], dtype int64, global scored-page id or -1.
+    page_offsets: first global page id of each request (len batch + 1).
+    """
+
+    kv_indptr: torch.Tensor
+    kv_indices: torch.Tensor
+    token_page: torch.Tensor
+    page_offsets: list[int]
+    states: list[RequestKV | None]
+    rows: list[int]
+    any_scores: bool
+    any_per_layer: bool
+
+
+class RaasAttnBackend(TorchNativeAttnBackend):
+    def __init__(self, model_runner: ModelRunner) -> None:
+        super().__init__(model_runner)
+        if model_runner.page_size != 1:
+            raise ValueError(
+                f"raas expects SGLang's token page size 1, got {model_runner.page_size}"
+            )
+        self.runtime = activate_runtime()
+        self.decode_index: DecodeIndex | None = None
+
+    def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
+        super().init_forward_metadata(forward_batch)
+        self.decode_index = (
+            self._build_decode_index(forward_batch)
+            if forward_batch.forward_mode.is_decode()
+            else None
+        )
+
+    def _build_decode_index(self, fb: ForwardBatch) -> DecodeIndex:
+        rtt = self.req_to_token_pool.req_to_token
+        rows = fb.req_pool_indices.tolist()
+        seq_lens = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
+        indptr = [0]
+        indices: list[torch.Tensor] = []
+        token_pages: list[torch.Tensor] = []
+        page_offsets = [0]
+        states: list[RequestKV | None] = []
+        for row, seq_len in zip(rows, seq_lens, strict=True):
+            state = self.runtime.get(row)
+            if state is None:
+                positions = torch.arange(seq_len, dtype=torch.int64)
+                pages = torch.full((seq_len,), -1, dtype=torch.int64)
+                n_pages = 0
+            else:
+                if state.table.seq_len != seq_len:
+                    raise RuntimeError(
+                        f"raas: row {row} has {state.table.seq_len} positions, engine {seq_len}"
+                    )
+                positions, pages = state.positions()
+                n_pages = len(state.pages)
+                pages = torch.where(pages >= 0, pages + page_offsets[-1], pages)
+            states.append(state)
+            indices.append(rtt[row, positions.to(rtt.device)].to(torch.int64))
+            token_pages.append(pages)
+            indptr.append(indptr[-1] + positions.numel())
+            page_offsets.append(page_offsets[-1] + n_pages)
+        return DecodeIndex(
+            kv_indptr=torch.tensor(indptr, dtype=torch.int64),
+            kv_indices=torch.cat(indices),
+            token_page=torch.cat(token_pages).to(rtt.device),
+            page_offsets=page_offsets,
+            states=states,
+            rows=rows,
+            any_scores=any(s is not None and s.needs_scores for s in states),
+            any_per_layer=any(s is not None and s.selects_per_layer for s in states),
+        )
+
+    def forward_decode(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer: RadixAttention,
+        forward_batch: ForwardBatch,
+        save_kv_cache: bool = True,
+    ) -> torch.Tensor:
+        if layer.is_cross_attention or self.decode_index is None:
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(
+                layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
+            )
+        q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        k_buffer = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_buffer = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        index = self.decode_index
+        if index.any_per_layer:
+            index = self._select_per_layer(index, q_, k_buffer, layer.scaling)
+        out, page_mass = torch_ref.sparse_decode(
+            q_,
+            k_buffer,
+            v_buffer,
+            index.kv_indptr,
+            index.kv_indices,
+            layer.scaling,
+            index.token_page if index.any_scores else None,
+            index.page_offsets[-1],
+        )
+        if page_mass is not None:
+            for b, state in enumerate(index.states):
+                if state is not None and state.needs_scores:
+                    lo, hi = index.page_offsets[b], index.page_offsets[b + 1]
+                    state.add_layer_mass(page_mass[lo:hi])
+        return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def _select_per_layer(
+        self, index: DecodeIndex, q: torch.Tensor, k_buffer: torch.Tensor, scale: float
+    ) -> DecodeIndex:
+        """Quest requests pick this layer's pages from its query; others keep theirs."""
+        rtt = self.req_to_token_pool.req_to_token
+        indptr = [0]
+        indices: list[torch.Tensor] = []
+        bounds = index.kv_indptr.tolist()
+        for b, state in enumerate(index.states):
+            if state is None or not state.selects_per_layer:
+                idx = index.kv_indices[bounds[b] : bounds[b + 1]]
+            else:
+                table = state.table
+                all_pos = table.retained_positions(table.retained)
+                pages = table.token_pages(table.retained)
+                decode = pages >= 0
+                slots = rtt[index.rows[b], all_pos[decode].to(rtt.device)].to(torch.int64)
+                kmin, kmax = page_key_bounds(k_buffer[slots], pages[decode], len(table.retained))
+                state.select_for_layer(quest_bounds(q[b], kmin, kmax, scale))
+                positions, _ = state.positions()
+                idx = rtt[index.rows[b], positions.to(rtt.device)].to(torch.int64)
+            indices.append(idx)
+            indptr.append(indptr[-1] + idx.numel())
+        return DecodeIndex(
+            kv_indptr=torch.tensor(indptr, dtype=torch.int64),
+            kv_indices=torch.cat(indices),
+            token_page=index.token_page,
+            page_offsets=index.page_offsets,
+            states=index.states,
+            rows=index.rows,
+            any_scores=False,
+            any_per_layer=True,
+        )

@@ -1,0 +1,120 @@
+"""Per-process RaaS state shared by the scheduler hooks and the attention backend.
+
+SGLang builds the backend and calls the hooks itself, so the two meet here: one
+`RaasRuntime` per scheduler process (TP=1), holding each running request's `RequestKV`
+keyed by its `req_to_token` row. Nothing here imports SGLang.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from raas_backend.policies import KVPolicyConfig, PolicyConfigError
+from raas_backend.request_kv import RequestKV
+
+logger = logging.getLogger(__name__)
+
+CUSTOM_PARAMS_KEY = "kv_policy"
+# Environment variables for the server defaults (SGLang's CLI has no room for ours).
+ENV_DEFAULTS = {
+    "RAAS_DEFAULT_POLICY": ("name", str),
+    "RAAS_DEFAULT_BUDGET_TOKENS": ("budget_tokens", int),
+    "RAAS_DEFAULT_ALPHA": ("alpha", float),
+    "RAAS_DEFAULT_HEAD_AGG": ("head_agg", str),
+    "RAAS_DEFAULT_LAYER_AGG": ("layer_agg", str),
+    "RAAS_DEFAULT_REFRESH_TOP_FRACTION": ("refresh_top_fraction", float),
+    "RAAS_DEFAULT_RECENT_TOKENS": ("recent_tokens", int),
+    "RAAS_PAGE_SIZE": ("page_size", int),
+}
+
+
+def defaults_from_env(environ: dict[str, str] | None = None) -> KVPolicyConfig:
+    environ = dict(os.environ if environ is None else environ)
+    values: dict[str, Any] = {}
+    for var, (name, kind) in ENV_DEFAULTS.items():
+        if var in environ:
+            try:
+                values[name] = kind(environ[var])
+            except ValueError as exc:
+                raise PolicyConfigError(
+                    name, f"{var}={environ[var]!r} is not a {kind.__name__}"
+                ) from exc
+    return KVPolicyConfig(**values)
+
+
+def parse_custom_params(custom_params: Any, defaults: KVPolicyConfig) -> KVPolicyConfig:
+    """The effective policy of a request; raises PolicyConfigError on bad values."""
+    if custom_params is None:
+        return defaults
+    if not isinstance(custom_params, dict):
+        raise PolicyConfigError(
+            "", f"custom_params must be an object, got {type(custom_params).__name__}"
+        )
+    return KVPolicyConfig.from_dict(custom_params.get(CUSTOM_PARAMS_KEY), defaults)
+
+
+@dataclass
+class Tracked:
+    rid: str
+    kv: RequestKV
+
+
+@dataclass
+class RaasRuntime:
+    defaults: KVPolicyConfig
+    requests: dict[int, Tracked] = field(default_factory=dict)
+    #: Slots returned to the allocator by eviction since start (for tests and metrics).
+    evicted_slots_total: int = 0
+    #: Stats of finished requests, by rid, until the output path collects them.
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def track(self, row: int, rid: str, custom_params: Any, kv_len: int) -> RequestKV:
+        """The state of the request in `row`, created at its first decode step."""
+        tracked = self.requests.get(row)
+        if tracked is not None and tracked.rid == rid:
+            return tracked.kv
+        try:
+            config = parse_custom_params(custom_params, self.defaults)
+        except PolicyConfigError as exc:
+            # Requests are validated at the HTTP edge; never let one crash the scheduler.
+            logger.error("raas: request %s has an invalid kv_policy (%s); using defaults", rid, exc)
+            config = self.defaults
+        kv = RequestKV(config, prompt_len=kv_len)
+        self.requests[row] = Tracked(rid, kv)
+        return kv
+
+    def get(self, row: int) -> RequestKV | None:
+        tracked = self.requests.get(row)
+        return tracked.kv if tracked else None
+
+    def release(self, row: int, rid: str) -> None:
+        tracked = self.requests.get(row)
+        if tracked is not None and tracked.rid == rid:
+            del self.requests[row]
+            self.finished[tracked.rid] = tracked.kv.stats()
+            # Bounded: the output path pops entries; never let stragglers accumulate.
+            while len(self.finished) > 4096:
+                self.finished.pop(next(iter(self.finished)))
+
+    def evicted_positions(self, row: int) -> int:
+        kv = self.get(row)
+        return kv.table.evicted_tokens if kv else 0
+
+
+_RUNTIME: RaasRuntime | None = None
+
+
+def activate_runtime() -> RaasRuntime:
+    """Called by the `raas` backend's constructor: from then on the hooks act."""
+    global _RUNTIME
+    if _RUNTIME is None:
+        _RUNTIME = RaasRuntime(defaults=defaults_from_env())
+    return _RUNTIME
+
+
+def current_runtime() -> RaasRuntime | None:
+    """The runtime if this process runs the `raas` backend, else None (hooks stay idle)."""
+    return _RUNTIME
