@@ -71,7 +71,9 @@ class RequestKV:
     def select_for_layer(self, bounds: torch.Tensor) -> list[int]:
         """Quest: choose this layer's pages from bounds of shape [retained, num_qo_heads]."""
         per_page = bounds.amax(dim=1) if self.config.head_agg == "max" else bounds.mean(dim=1)
-        return self.policy.attended_pages(per_page.float().cpu())
+        # `positions()` serves this layer's attention from `self.pages`.
+        self.pages = self.policy.attended_pages(per_page.float().cpu())
+        return self.pages
 
     def _finish_scores(self) -> torch.Tensor:
         n = len(self.policy._last_attended)

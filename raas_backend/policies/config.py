@@ -17,6 +17,15 @@ DEFAULT_LAYER_AGG: Aggregation = "max"
 MIN_BUDGET_PAGES = 2
 
 
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool (JSON true must not read as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 class PolicyConfigError(ValueError):
     """A kv_policy value is out of range; `field` names the offending field."""
 
@@ -56,13 +65,12 @@ class KVPolicyConfig:
     def __post_init__(self) -> None:
         if self.name not in POLICY_NAMES:
             raise PolicyConfigError("name", f"expected one of {POLICY_NAMES}, got {self.name!r}")
-        if not isinstance(self.page_size, int) or self.page_size < 1:
+        if not _is_int(self.page_size) or self.page_size < 1:
             raise PolicyConfigError(
                 "page_size", f"expected an integer >= 1, got {self.page_size!r}"
             )
         if (
-            not isinstance(self.budget_tokens, int)
-            or isinstance(self.budget_tokens, bool)
+            not _is_int(self.budget_tokens)
             or self.budget_tokens < MIN_BUDGET_PAGES * self.page_size
         ):
             raise PolicyConfigError(
@@ -71,8 +79,7 @@ class KVPolicyConfig:
                 f"({MIN_BUDGET_PAGES} pages of {self.page_size}), got {self.budget_tokens!r}",
             )
         if (
-            not isinstance(self.alpha, int | float)
-            or isinstance(self.alpha, bool)
+            not _is_number(self.alpha)
             or not math.isfinite(self.alpha)
             or not 0.0 <= self.alpha < 1.0
         ):
@@ -81,14 +88,14 @@ class KVPolicyConfig:
             value = getattr(self, agg_field)
             if value not in AGGREGATIONS:
                 raise PolicyConfigError(agg_field, f"expected one of {AGGREGATIONS}, got {value!r}")
-        if not isinstance(self.refresh_top_fraction, int | float) or not (
+        if not _is_number(self.refresh_top_fraction) or not (
             0.0 <= self.refresh_top_fraction <= 1.0
         ):
             raise PolicyConfigError(
                 "refresh_top_fraction",
                 f"expected a number in [0, 1], got {self.refresh_top_fraction!r}",
             )
-        if not isinstance(self.recent_tokens, int) or self.recent_tokens < 0:
+        if not _is_int(self.recent_tokens) or self.recent_tokens < 0:
             raise PolicyConfigError(
                 "recent_tokens", f"expected an integer >= 0, got {self.recent_tokens!r}"
             )

@@ -38,7 +38,8 @@ class RaaSPolicy(KVPolicy):
         used = scores > self.config.alpha
         frac = self.config.refresh_top_fraction
         if frac > 0.0:
-            k = max(1, math.ceil(frac * len(pages)))
+            # The tolerance keeps e.g. 0.07 * 100 = 7.000000000000001 at 7 pages.
+            k = max(1, math.ceil(frac * len(pages) - 1e-9))
             used[torch.topk(scores, k).indices] = True
         for i in used.nonzero().flatten().tolist():
             self.last_used[pages[i]] = step

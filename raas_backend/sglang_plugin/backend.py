@@ -149,29 +149,35 @@ class RaasAttnBackend(TorchNativeAttnBackend):
         rtt = self.req_to_token_pool.req_to_token
         indptr = [0]
         indices: list[torch.Tensor] = []
+        token_pages: list[torch.Tensor] = []
         bounds = index.kv_indptr.tolist()
         for b, state in enumerate(index.states):
+            lo, hi = bounds[b], bounds[b + 1]
             if state is None or not state.selects_per_layer:
-                idx = index.kv_indices[bounds[b] : bounds[b + 1]]
+                # Co-batched raas/h2o requests keep their index and their scores.
+                idx = index.kv_indices[lo:hi]
+                pages = index.token_page[lo:hi]
             else:
                 table = state.table
                 all_pos = table.retained_positions(table.retained)
-                pages = table.token_pages(table.retained)
-                decode = pages >= 0
+                page_of = table.token_pages(table.retained)
+                decode = page_of >= 0
                 slots = rtt[index.rows[b], all_pos[decode].to(rtt.device)].to(torch.int64)
-                kmin, kmax = page_key_bounds(k_buffer[slots], pages[decode], len(table.retained))
+                kmin, kmax = page_key_bounds(k_buffer[slots], page_of[decode], len(table.retained))
                 state.select_for_layer(quest_bounds(q[b], kmin, kmax, scale))
                 positions, _ = state.positions()
                 idx = rtt[index.rows[b], positions.to(rtt.device)].to(torch.int64)
+                pages = torch.full((idx.numel(),), -1, dtype=torch.int64, device=idx.device)
             indices.append(idx)
+            token_pages.append(pages)
             indptr.append(indptr[-1] + idx.numel())
         return DecodeIndex(
             kv_indptr=torch.tensor(indptr, dtype=torch.int64),
             kv_indices=torch.cat(indices),
-            token_page=index.token_page,
+            token_page=torch.cat(token_pages),
             page_offsets=index.page_offsets,
             states=index.states,
             rows=index.rows,
-            any_scores=False,
+            any_scores=index.any_scores,
             any_per_layer=True,
         )
