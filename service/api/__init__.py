@@ -1,0 +1,1 @@
+"""HTTP routes, one module per resource; each delegates to a service object."""

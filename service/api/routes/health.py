@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from service.deps import EngineMonitorDep, SettingsDep
+from service.schemas import Liveness, Readiness
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health/live")
+async def live() -> Liveness:
+    """The gateway process answers; says nothing about the engine."""
+    return Liveness()
+
+
+@router.get("/health/ready", responses={503: {"model": Readiness}})
+async def ready(monitor: EngineMonitorDep, settings: SettingsDep) -> JSONResponse:
+    """200 only while the engine can take requests (503 while it starts or restarts)."""
+    body = Readiness(
+        status="ready" if monitor.ready else "not_ready",
+        engine_mode=settings.engine_mode,
+        engine_state=monitor.state.value,
+        engine_restarts=monitor.restarts,
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if monitor.ready else 503)

@@ -1,0 +1,115 @@
+"""From a client's chat request to the body SGLang receives.
+
+Value checks answer 400 naming the parameter (404 for an unknown model). Fields outside
+OpenAI's schema pass only if SGLang supports them and they cannot bypass the gateway:
+`rid` and `custom_params` are the gateway's to set, so a client may not send them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from service.errors import OpenAIError, invalid_field, model_not_found
+from service.kv_policy import EffectivePolicy
+from service.schemas import ChatCompletionRequest
+from service.settings import Settings
+
+# SGLang sampling extensions that are safe to expose.
+SGLANG_EXTRAS = frozenset(
+    {
+        "top_k",
+        "min_p",
+        "min_tokens",
+        "repetition_penalty",
+        "stop_token_ids",
+        "ignore_eos",
+        "no_stop_trim",
+        "skip_special_tokens",
+        "separate_reasoning",
+        "stream_reasoning",
+        "chat_template_kwargs",
+    }
+)
+# OpenAI fields that mean nothing to a self-hosted engine; accepted and dropped.
+IGNORED_OPENAI_FIELDS = frozenset(
+    {"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"}
+)
+RESERVED_FIELDS = frozenset({"rid", "custom_params"})
+MAX_TOP_LOGPROBS = 20
+
+
+def check_values(req: ChatCompletionRequest, settings: Settings) -> None:
+    """Raise a 400/404 `OpenAIError` for the first value the gateway does not accept."""
+    if req.model != settings.model_name:
+        raise model_not_found(req.model)
+    if not req.messages:
+        raise invalid_field("messages", "expected at least one message, got none")
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(req, field)
+        if value is not None and not (1 <= value <= settings.max_tokens_limit):
+            raise invalid_field(
+                field, f"expected {field} in [1, {settings.max_tokens_limit}], got {value}"
+            )
+    if req.n is not None and not (1 <= req.n <= settings.max_n):
+        raise invalid_field("n", f"expected n in [1, {settings.max_n}], got {req.n}")
+    _check_range("temperature", req.temperature, 0.0, 2.0)
+    _check_range("top_p", req.top_p, 0.0, 1.0, low_open=True)
+    _check_range("presence_penalty", req.presence_penalty, -2.0, 2.0)
+    _check_range("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
+    if req.top_logprobs is not None:
+        if not (0 <= req.top_logprobs <= MAX_TOP_LOGPROBS):
+            raise invalid_field(
+                "top_logprobs",
+                f"expected top_logprobs in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}",
+            )
+        if not req.logprobs:
+            raise invalid_field("top_logprobs", "top_logprobs requires logprobs=true")
+    if req.stream_options is not None and not req.stream:
+        raise invalid_field("stream_options", "stream_options is only allowed with stream=true")
+    for name in req.model_extra or {}:
+        if name in RESERVED_FIELDS:
+            raise invalid_field(name, f"{name!r} is set by the gateway and may not be sent")
+        if name not in SGLANG_EXTRAS and name not in IGNORED_OPENAI_FIELDS:
+            raise OpenAIError(
+                400,
+                f"Unrecognized request argument supplied: {name}",
+                param=name,
+                code="unknown_parameter",
+            )
+
+
+def _check_range(
+    name: str, value: float | None, low: float, high: float, *, low_open: bool = False
+) -> None:
+    if value is None:
+        return
+    below = value <= low if low_open else value < low
+    if not math.isfinite(value) or below or value > high:
+        bracket = "(" if low_open else "["
+        raise invalid_field(name, f"expected {name} in {bracket}{low:g}, {high:g}], got {value}")
+
+
+def upstream_body(
+    req: ChatCompletionRequest, policy: EffectivePolicy, rid: str, settings: Settings
+) -> dict[str, Any]:
+    body = req.model_dump(exclude_none=True, exclude={"kv_policy"})
+    for name in IGNORED_OPENAI_FIELDS:
+        body.pop(name, None)
+    if (
+        req.max_tokens is None
+        and req.max_completion_tokens is None
+        and settings.default_max_tokens is not None
+    ):
+        body["max_completion_tokens"] = settings.default_max_tokens
+    if req.stream:
+        # Always ask for the usage chunk: metrics and usage.kv_cache come from it. It is
+        # dropped again on the way out unless the client asked for it.
+        body["stream_options"] = {"include_usage": True}
+    body["rid"] = rid
+    body["custom_params"] = {"kv_policy": policy.for_engine()}
+    return body
+
+
+def wants_usage_chunk(req: ChatCompletionRequest) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)

@@ -1,0 +1,264 @@
+"""One chat completion, end to end: check, resolve the KV policy, admit, forward, relay,
+record. Routes stay thin; everything a request goes through is readable here in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import structlog
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from service import chat_request, errors, kv_policy
+from service.admission import AdmissionController, AdmissionRejected, Ticket
+from service.api_keys import ApiKey
+from service.engine_client import EngineClient, EngineHTTPError, EngineTimeout, EngineUnavailable
+from service.engine_supervisor import EngineMonitor
+from service.kv_policy import EffectivePolicy, KvCacheUsage, PolicyLimits
+from service.metrics import GatewayMetrics
+from service.schemas import ChatCompletionRequest
+from service.settings import Settings
+from service.stream_relay import RelayResponse, StreamRelay
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+# nginx's code for "client closed request": nobody reads it, but logs and metrics do.
+CLIENT_CLOSED = 499
+UNRESOLVED = "unresolved"
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+@dataclass
+class Call:
+    """One request's identity and choices, carried through its lifetime."""
+
+    rid: str
+    policy: EffectivePolicy
+    stream: bool
+    include_usage: bool
+    key: ApiKey | None
+    started: float
+    ticket: Ticket | None = None
+
+
+class ChatService:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: EngineClient,
+        monitor: EngineMonitor,
+        admission: AdmissionController,
+        metrics: GatewayMetrics,
+    ) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._monitor = monitor
+        self._admission = admission
+        self._metrics = metrics
+        self._background: set[asyncio.Task[Any]] = set()
+
+    async def aclose(self) -> None:
+        """Let in-flight aborts reach the engine before the client closes."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=5)
+
+    async def complete(
+        self, request: Request, req: ChatCompletionRequest, key: ApiKey | None
+    ) -> Response:
+        started = time.monotonic()
+        stream = req.stream
+        try:
+            chat_request.check_values(req, self._settings)
+            policy = kv_policy.resolve_request(
+                req.kv_policy,
+                request.headers.get(kv_policy.HEADER),
+                PolicyLimits.for_caller(self._settings, key),
+            )
+        except errors.OpenAIError:
+            self._metrics.record_outcome(policy=UNRESOLVED, stream=stream, outcome="invalid")
+            raise
+
+        call = Call(
+            rid=f"chatcmpl-{uuid.uuid4().hex}",
+            policy=policy,
+            stream=stream,
+            include_usage=chat_request.wants_usage_chunk(req),
+            key=key,
+            started=started,
+        )
+        logger = log.bind(rid=call.rid, key=key.label if key else None, policy=policy.name)
+
+        if not self._monitor.ready:
+            self._outcome(call, "engine_unavailable")
+            raise errors.engine_unavailable(
+                f"The inference engine is {self._monitor.state.value}; retry later"
+            )
+
+        call.ticket = await self._admit(request, call)
+        self._metrics.queue_wait.observe(call.ticket.queued_s)
+        body = chat_request.upstream_body(req, policy, call.rid, self._settings)
+        headers = {"X-Request-Id": call.rid}
+        handed_off = False
+        try:
+            if stream:
+                upstream = await self._until_disconnect(request, self._engine.open_stream(body))
+                relay = StreamRelay(
+                    upstream,
+                    policy,
+                    include_usage=call.include_usage,
+                    on_finish=functools.partial(self._stream_done, call),
+                )
+                # From here the relay owns the ticket and releases it when the stream ends.
+                handed_off = True
+                return RelayResponse(relay, headers=headers)
+            data = await self._until_disconnect(request, self._engine.chat(body))
+        except ClientDisconnected:
+            self._abort(call, "client_disconnected")
+            self._outcome(call, "client_disconnected")
+            logger.info("chat.client_disconnected")
+            return Response(status_code=CLIENT_CLOSED)
+        except EngineTimeout as exc:
+            self._abort(call, "upstream_timeout")
+            self._outcome(call, "upstream_timeout")
+            raise errors.upstream_timeout(self._settings.upstream_timeout_s) from exc
+        except EngineUnavailable as exc:
+            self._outcome(call, "engine_unavailable")
+            logger.warning("chat.engine_unavailable", error=str(exc))
+            raise errors.engine_unavailable() from exc
+        except EngineHTTPError as exc:
+            self._outcome(call, "engine_error")
+            logger.info("chat.engine_rejected", status=exc.status_code)
+            raise errors.from_engine_payload(exc.status_code, exc.payload) from exc
+        finally:
+            if call.ticket is not None and not handed_off:
+                call.ticket.release()
+
+        kv = self._attach_kv_usage(data, policy)
+        usage = data.get("usage") or {}
+        self._metrics.record_success(
+            policy=policy.name,
+            stream=False,
+            e2e_s=time.monotonic() - started,
+            ttft_s=None,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            kv=kv,
+        )
+        logger.info(
+            "chat.completed",
+            stream=False,
+            seconds=round(time.monotonic() - started, 4),
+            completion_tokens=usage.get("completion_tokens"),
+        )
+        return JSONResponse(data, headers=headers)
+
+    async def _admit(self, request: Request, call: Call) -> Ticket:
+        key_id: str | None = None
+        key_limit: int | None = None
+        if call.key is not None:
+            key_id = call.key.digest
+            key_limit = call.key.max_concurrency or self._settings.per_key_max_concurrency
+        try:
+            return await self._until_disconnect(request, self._admission.acquire(key_id, key_limit))
+        except AdmissionRejected as exc:
+            self._metrics.admission_rejections.labels(exc.reason.value).inc()
+            self._outcome(call, "rejected")
+            raise errors.overloaded(
+                str(exc), exc.reason.value, self._settings.retry_after_s
+            ) from exc
+        except ClientDisconnected:
+            self._outcome(call, "client_disconnected")
+            raise errors.OpenAIError(
+                CLIENT_CLOSED, "Client closed the request", code="client_closed"
+            ) from None
+
+    async def _until_disconnect(self, request: Request, work: Awaitable[T]) -> T:
+        """Await `work`, but give up (and cancel it) as soon as the client goes away."""
+        task = asyncio.ensure_future(work)
+        watcher = asyncio.ensure_future(_wait_disconnect(request))
+        try:
+            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        finally:
+            watcher.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise ClientDisconnected
+
+    async def _stream_done(self, call: Call, relay: StreamRelay, disconnected: bool) -> None:
+        if call.ticket is not None:
+            call.ticket.release()
+        result = relay.result
+        if result.outcome in ("client_disconnected", "upstream_timeout"):
+            self._abort(call, result.outcome)
+        if result.outcome != "success":
+            self._outcome(call, result.outcome)
+            log.info(
+                "chat.stream_ended",
+                rid=call.rid,
+                outcome=result.outcome,
+                engine_errors=result.engine_errors or None,
+            )
+            return
+        usage = result.usage or {}
+        now = time.monotonic()
+        self._metrics.record_success(
+            policy=call.policy.name,
+            stream=True,
+            e2e_s=now - call.started,
+            ttft_s=(result.first_token_at - call.started) if result.first_token_at else None,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            kv=result.kv or KvCacheUsage.merge(call.policy, None),
+        )
+        log.info(
+            "chat.completed",
+            rid=call.rid,
+            stream=True,
+            seconds=round(now - call.started, 4),
+            completion_tokens=usage.get("completion_tokens"),
+        )
+
+    def _attach_kv_usage(self, data: dict[str, Any], policy: EffectivePolicy) -> KvCacheUsage:
+        usage = data.get("usage")
+        if not isinstance(usage, dict):
+            usage = data["usage"] = {}
+        kv = KvCacheUsage.merge(policy, usage.get("kv_cache"))
+        usage["kv_cache"] = kv.model_dump()
+        return kv
+
+    def _abort(self, call: Call, reason: str) -> None:
+        """Free the request's KV in SGLang now, without holding up the response."""
+        self._metrics.engine_aborts.labels(reason).inc()
+        task = asyncio.create_task(self._engine.abort(call.rid))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _outcome(self, call: Call, outcome: str) -> None:
+        self._metrics.record_outcome(policy=call.policy.name, stream=call.stream, outcome=outcome)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # The body has been read, so the server's receive() blocks until the client goes away.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+        await asyncio.sleep(0.05)  # never spin if a server hands out empty body messages

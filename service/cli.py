@@ -1,0 +1,135 @@
+"""`raas-serve`: prepare the bundled model, or serve the gateway (and its engine).
+
+Every option is also an environment variable (`RAAS_<OPTION>`, see service/settings.py);
+a flag given on the command line wins over the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raas-serve",
+        description="OpenAI-compatible gateway with per-request KV-cache budgets, in front "
+        "of SGLang. Options default to RAAS_* environment variables.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prep = sub.add_parser(
+        "prepare-model",
+        help="convert the bundled SmolLM2-135M-Instruct once and print its directory",
+    )
+    prep.add_argument("--cache-dir", type=Path, default=None, help="default: $RAAS_CACHE_DIR")
+    prep.add_argument("--force", action="store_true", help="convert again even if cached")
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the gateway; in embedded mode also start and supervise SGLang",
+    )
+    serve.add_argument("--host", help="gateway bind address (RAAS_HOST, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="gateway port (RAAS_PORT, default 8000)")
+    serve.add_argument(
+        "--model-path",
+        help="serve this model directory instead of the bundled one (RAAS_MODEL_PATH)",
+    )
+    serve.add_argument(
+        "--model-name",
+        help="model id clients send (RAAS_MODEL_NAME, default smollm2-135m-instruct)",
+    )
+    serve.add_argument(
+        "--engine-mode",
+        choices=["embedded", "remote"],
+        help="start SGLang as a child (embedded, default) or use --engine-url (remote)",
+    )
+    serve.add_argument("--engine-url", help="remote SGLang base URL (RAAS_ENGINE_URL)")
+    serve.add_argument(
+        "--engine-port", type=int, help="embedded SGLang port (RAAS_ENGINE_PORT, default 30000)"
+    )
+    serve.add_argument(
+        "--attention-backend",
+        dest="engine_attention_backend",
+        help="SGLang attention backend (RAAS_ENGINE_ATTENTION_BACKEND, default torch_native)",
+    )
+    serve.add_argument("--api-keys-file", type=Path, help="API keys file (RAAS_API_KEYS_FILE)")
+    serve.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="RAAS_LOG_LEVEL, default info",
+    )
+    return parser
+
+
+def _prepare_model(args: argparse.Namespace) -> int:
+    from service.bundled_model import ModelPrepError, prepare_model
+
+    try:
+        prepared = prepare_model(args.cache_dir, force=args.force)
+    except ModelPrepError as exc:
+        print(f"raas-serve: {exc}", file=sys.stderr)
+        return 1
+    print(prepared.path)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.log_config import configure_logging
+    from service.settings import Settings
+
+    overrides: dict[str, Any] = {
+        name: value for name, value in vars(args).items() if name != "command" and value is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"raas-serve: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_json)
+
+    if settings.engine_mode == "embedded" and settings.model_path is None:
+        from service.bundled_model import ModelPrepError, prepare_model
+
+        try:
+            model_dir = prepare_model().path
+        except ModelPrepError as exc:
+            print(f"raas-serve: {exc}", file=sys.stderr)
+            return 1
+        settings = settings.model_copy(update={"model_path": str(model_dir)})
+
+    from service.api_keys import ApiKeyError
+
+    try:
+        app = create_app(settings)
+    except ApiKeyError as exc:
+        print(f"raas-serve: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        # Open SSE streams must not hold shutdown (and the engine's teardown) hostage.
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "prepare-model":
+        return _prepare_model(args)
+    return _serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

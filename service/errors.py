@@ -1,0 +1,183 @@
+"""Errors in OpenAI's shape, and the handlers that make every failure one of them.
+
+Whatever goes wrong, a client gets `{"error": {"message", "type", "param", "code"}}` with
+the status OpenAI would use; a stack trace never leaves the process (it goes to the log).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = structlog.get_logger(__name__)
+
+ENGINE_PARAM_PREFIX = re.compile(r"^(kv_policy(?:\.\w+)?):")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class OpenAIError(Exception):
+    """An error that becomes an OpenAI-shaped response with the given status."""
+
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.detail = ErrorDetail(message=message, type=type, param=param, code=code)
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return ErrorBody(error=self.detail).model_dump()
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+
+
+def invalid_field(param: str, message: str, code: str = "invalid_value") -> OpenAIError:
+    return OpenAIError(400, message, param=param, code=code)
+
+
+def unprocessable(message: str, param: str | None = None, code: str = "invalid_schema"):
+    return OpenAIError(422, message, param=param, code=code)
+
+
+def unauthorized(message: str) -> OpenAIError:
+    return OpenAIError(
+        401,
+        message,
+        code="invalid_api_key",
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def model_not_found(model: str) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"The model {model!r} does not exist",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def too_large(limit: int) -> OpenAIError:
+    return OpenAIError(
+        413,
+        f"Request body exceeds the limit of {limit} bytes",
+        code="request_too_large",
+    )
+
+
+def overloaded(message: str, code: str, retry_after_s: int) -> OpenAIError:
+    return OpenAIError(
+        429,
+        message,
+        type="rate_limit_error",
+        code=code,
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
+def engine_unavailable(message: str = "The inference engine is not available") -> OpenAIError:
+    return OpenAIError(503, message, type="server_error", code="engine_unavailable")
+
+
+def upstream_timeout(seconds: float) -> OpenAIError:
+    return OpenAIError(
+        504,
+        f"The inference engine did not answer within {seconds:g} s",
+        type="server_error",
+        code="upstream_timeout",
+    )
+
+
+def engine_error(status_code: int, message: str) -> OpenAIError:
+    return OpenAIError(502, message, type="server_error", code=f"engine_error_{status_code}")
+
+
+def from_engine_payload(status_code: int, payload: Any) -> OpenAIError:
+    """Translate an SGLang error body (flat `{"object": "error", ...}` or nested) to ours."""
+    detail = payload.get("error", payload) if isinstance(payload, dict) else {}
+    if not isinstance(detail, dict):
+        detail = {"message": str(detail)}
+    message = str(detail.get("message") or f"engine returned HTTP {status_code}")
+    param = detail.get("param")
+    param = param if isinstance(param, str) else _param_from_message(message)
+    if 400 <= status_code < 500:
+        # SGLang's 4xx are the client's fault (prompt too long, bad message); keep the status.
+        status = 400 if status_code in (400, 422) else status_code
+        return OpenAIError(status, message, param=param, code="invalid_request")
+    if status_code == 503:
+        return engine_unavailable(message)
+    return engine_error(status_code, message)
+
+
+def _param_from_message(message: str) -> str | None:
+    # The raas plugin prefixes its validation errors with the field: "kv_policy.x: ...".
+    match = ENGINE_PARAM_PREFIX.match(message)
+    return match.group(1) if match else None
+
+
+def _loc_to_param(loc: Sequence[Any]) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    return ".".join(parts) or None
+
+
+def validation_error_to_openai(errors: Sequence[Mapping[str, Any]]) -> OpenAIError:
+    if not errors:
+        return unprocessable("Invalid request body")
+    first = errors[0]
+    param = _loc_to_param(first.get("loc", ()))
+    where = f" at {param!r}" if param else ""
+    return unprocessable(f"{first.get('msg', 'invalid value')}{where}", param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+        return exc.response()
+
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error_to_openai(exc.errors()).response()
+
+    async def on_http_exception(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+        return OpenAIError(
+            exc.status_code, message, type=kind, code=code, headers=exc.headers
+        ).response()
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request.unhandled_error", path=request.url.path)
+        return OpenAIError(
+            500, "Internal server error", type="server_error", code="internal_error"
+        ).response()
+
+    app.add_exception_handler(OpenAIError, on_openai_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, on_validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http_exception)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, on_unexpected)

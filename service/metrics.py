@@ -1,0 +1,426 @@
+"""Every Prometheus metric the gateway exports, defined in this one module.
+
+Each app gets its own `CollectorRegistry` (no global state), exposed at `GET /metrics`.
+Labels: `policy` is the effective KV policy (raas, dense, streaming, h2o, quest);
+`stream` is "true"/"false".
+
+HTTP and admission
+- raas_http_requests_total{method,route,code}      counter   every HTTP response, by status
+- raas_chat_requests_total{policy,stream,outcome}  counter   chat completions by outcome
+  (success, invalid, rejected, engine_unavailable, upstream_timeout, engine_error,
+  client_disconnected, stream_error); policy is "unresolved" for invalid requests
+- raas_requests_in_flight                           gauge     admitted chat requests
+- raas_requests_queued                              gauge     chat requests in the admission queue
+- raas_admission_rejections_total{reason}           counter   429s: queue_full, queue_timeout,
+  key_concurrency
+- raas_queue_wait_seconds                           histogram time spent queued before admission
+
+Latency (chat completions)
+- raas_time_to_first_token_seconds{policy}          histogram streaming only
+- raas_time_per_output_token_seconds{policy}        histogram streaming only, after the first token
+- raas_e2e_request_latency_seconds{policy,stream}   histogram whole request, successful ones
+
+Tokens
+- raas_prompt_tokens_total{policy}                  counter   tokens in (from engine usage)
+- raas_completion_tokens_total{policy}              counter   tokens out (from engine usage)
+
+KV cache, per request (from `usage.kv_cache` when the engine reports it)
+- raas_kv_requests_total{policy}                    counter   successful requests per policy
+- raas_kv_reported_requests_total{policy}           counter   ... of which the engine reported KV
+- raas_kv_retained_tokens_total{policy}             counter   sum of peak retained KV tokens
+- raas_kv_dense_equivalent_tokens_total{policy}     counter   sum of what dense would have kept
+- raas_kv_retained_bytes_total{policy}              counter   the same in bytes
+- raas_kv_dense_equivalent_bytes_total{policy}      counter   the same in bytes
+- raas_kv_evicted_pages_total{policy}               counter   KV pages evicted by the policy
+- raas_kv_savings_ratio{policy}                     gauge     1 - retained/dense, since start
+- raas_request_kv_savings_ratio{policy}             histogram per-request 1 - retained/dense
+- raas_request_kv_peak_retained_tokens{policy}      histogram per-request peak retained tokens
+- raas_kv_bytes_per_token                           gauge     K+V bytes of one token, all layers
+
+Engine (supervision, and SGLang's own /metrics re-exported at each scrape)
+- raas_engine_ready                                 gauge     1 when the engine serves requests
+- raas_engine_restarts_total                        counter   embedded engine restarts
+- raas_engine_aborts_total{reason}                  counter   aborts sent to the engine:
+  client_disconnected, upstream_timeout
+- raas_engine_up                                    gauge     1 when the engine's /metrics answered
+- raas_engine_running_requests                      gauge     sglang:num_running_reqs
+- raas_engine_queued_requests                       gauge     sglang:num_queue_reqs
+- raas_engine_kv_used_tokens                        gauge     sglang:kv_used_tokens
+- raas_engine_kv_available_tokens                   gauge     sglang:kv_available_tokens
+- raas_engine_kv_capacity_tokens                    gauge     sglang:max_total_num_tokens
+- raas_engine_kv_usage_ratio                        gauge     sglang:token_usage
+- raas_engine_kv_used_bytes                         gauge     kv_used_tokens * bytes per token
+- raas_engine_generation_throughput_tokens_per_second gauge   sglang:gen_throughput
+- raas_engine_prompt_tokens_total                   counter   sglang:prompt_tokens_total
+- raas_engine_generation_tokens_total               counter   sglang:generation_tokens_total
+- raas_engine_aborted_requests_total                counter   sglang:num_aborted_requests_total
+
+Info
+- raas_gateway_info{model,engine_mode,attention_backend} gauge constant 1
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
+
+from service.kv_policy import POLICY_NAMES, KvCacheUsage
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TOKEN_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1,
+)
+QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60)
+RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+KV_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+@dataclass(frozen=True)
+class EngineGauge:
+    source: str
+    name: str
+    help: str
+
+
+ENGINE_GAUGES = (
+    EngineGauge(
+        "sglang:num_running_reqs", "raas_engine_running_requests", "Requests the engine is decoding"
+    ),
+    EngineGauge(
+        "sglang:num_queue_reqs",
+        "raas_engine_queued_requests",
+        "Requests waiting in the engine's scheduler",
+    ),
+    EngineGauge(
+        "sglang:kv_used_tokens", "raas_engine_kv_used_tokens", "KV slots in use in the engine"
+    ),
+    EngineGauge(
+        "sglang:kv_available_tokens",
+        "raas_engine_kv_available_tokens",
+        "KV slots free in the engine",
+    ),
+    EngineGauge(
+        "sglang:max_total_num_tokens",
+        "raas_engine_kv_capacity_tokens",
+        "KV slots the engine's pool holds",
+    ),
+    EngineGauge(
+        "sglang:token_usage",
+        "raas_engine_kv_usage_ratio",
+        "Fraction of the engine's KV pool in use",
+    ),
+    EngineGauge(
+        "sglang:gen_throughput",
+        "raas_engine_generation_throughput_tokens_per_second",
+        "Engine decode throughput",
+    ),
+)
+ENGINE_COUNTERS = (
+    EngineGauge(
+        "sglang:prompt_tokens", "raas_engine_prompt_tokens", "Prompt tokens the engine processed"
+    ),
+    EngineGauge(
+        "sglang:generation_tokens", "raas_engine_generation_tokens", "Tokens the engine generated"
+    ),
+    EngineGauge(
+        "sglang:num_aborted_requests", "raas_engine_aborted_requests", "Requests the engine aborted"
+    ),
+)
+
+
+def parse_engine_metrics(text: str) -> dict[str, float]:
+    """Sum each wanted SGLang family over its label sets (one engine, possibly many ranks)."""
+    wanted = {g.source for g in ENGINE_GAUGES} | {c.source for c in ENGINE_COUNTERS}
+    totals: dict[str, float] = defaultdict(float)
+    for family in text_string_to_metric_families(text):
+        if family.name not in wanted:
+            continue
+        for sample in family.samples:
+            # Counters parse with name "x" and samples "x_total" (and "x_created").
+            if sample.name in (family.name, f"{family.name}_total") and math.isfinite(sample.value):
+                totals[family.name] += sample.value
+    return dict(totals)
+
+
+class EngineMetricsCollector(Collector):
+    """Re-exports the last scrape of SGLang's /metrics; nothing when the scrape failed."""
+
+    def __init__(self) -> None:
+        self.snapshot: dict[str, float] | None = None
+        self.bytes_per_token: int | None = None
+
+    def update(self, text: str | None) -> None:
+        self.snapshot = parse_engine_metrics(text) if text is not None else None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("raas_engine_up", "1 when the engine's /metrics answered")
+        up.add_metric([], 1.0 if self.snapshot is not None else 0.0)
+        yield up
+        if self.snapshot is None:
+            return
+        for gauge in ENGINE_GAUGES:
+            if gauge.source in self.snapshot:
+                family = GaugeMetricFamily(gauge.name, gauge.help)
+                family.add_metric([], self.snapshot[gauge.source])
+                yield family
+        used = self.snapshot.get("sglang:kv_used_tokens")
+        if used is not None and self.bytes_per_token:
+            family = GaugeMetricFamily(
+                "raas_engine_kv_used_bytes", "KV cache bytes in use in the engine"
+            )
+            family.add_metric([], used * self.bytes_per_token)
+            yield family
+        for counter in ENGINE_COUNTERS:
+            if counter.source in self.snapshot:
+                cfamily = CounterMetricFamily(counter.name, counter.help)
+                cfamily.add_metric([], self.snapshot[counter.source])
+                yield cfamily
+
+
+class GatewayMetrics:
+    def __init__(self, bytes_per_kv_token: int | None = None) -> None:
+        r = self.registry = CollectorRegistry()
+        self.bytes_per_kv_token = bytes_per_kv_token
+
+        self.http_requests = Counter(
+            "raas_http_requests",
+            "HTTP responses by route and status code",
+            ["method", "route", "code"],
+            registry=r,
+        )
+        self.chat_requests = Counter(
+            "raas_chat_requests",
+            "Chat completion requests by outcome",
+            ["policy", "stream", "outcome"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "raas_requests_in_flight", "Chat requests admitted and not finished", registry=r
+        )
+        self.queued = Gauge(
+            "raas_requests_queued", "Chat requests waiting for admission", registry=r
+        )
+        self.admission_rejections = Counter(
+            "raas_admission_rejections",
+            "Requests rejected with 429 by admission control",
+            ["reason"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "raas_queue_wait_seconds",
+            "Time spent queued before admission",
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+
+        self.ttft = Histogram(
+            "raas_time_to_first_token_seconds",
+            "Time to the first generated token (streaming)",
+            ["policy"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "raas_time_per_output_token_seconds",
+            "Mean time per output token after the first",
+            ["policy"],
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "raas_e2e_request_latency_seconds",
+            "End-to-end latency of successful chat requests",
+            ["policy", "stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+        self.prompt_tokens = Counter(
+            "raas_prompt_tokens", "Prompt tokens of completed requests", ["policy"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "raas_completion_tokens",
+            "Generated tokens of completed requests",
+            ["policy"],
+            registry=r,
+        )
+
+        self.kv_requests = Counter(
+            "raas_kv_requests",
+            "Successful chat requests per effective KV policy",
+            ["policy"],
+            registry=r,
+        )
+        self.kv_reported = Counter(
+            "raas_kv_reported_requests",
+            "Successful requests whose KV usage the engine reported",
+            ["policy"],
+            registry=r,
+        )
+        self.kv_retained_tokens = Counter(
+            "raas_kv_retained_tokens",
+            "Sum over requests of peak retained KV tokens",
+            ["policy"],
+            registry=r,
+        )
+        self.kv_dense_tokens = Counter(
+            "raas_kv_dense_equivalent_tokens",
+            "Sum over requests of the KV tokens dense attention would have kept",
+            ["policy"],
+            registry=r,
+        )
+        self.kv_retained_bytes = Counter(
+            "raas_kv_retained_bytes",
+            "Sum over requests of peak retained KV bytes",
+            ["policy"],
+            registry=r,
+        )
+        self.kv_dense_bytes = Counter(
+            "raas_kv_dense_equivalent_bytes",
+            "Sum over requests of the KV bytes dense attention would have kept",
+            ["policy"],
+            registry=r,
+        )
+        self.kv_evicted_pages = Counter(
+            "raas_kv_evicted_pages", "KV pages evicted by the policy", ["policy"], registry=r
+        )
+        self.kv_savings = Gauge(
+            "raas_kv_savings_ratio",
+            "1 - retained/dense-equivalent KV tokens since start",
+            ["policy"],
+            registry=r,
+        )
+        self.request_kv_savings = Histogram(
+            "raas_request_kv_savings_ratio",
+            "Per-request 1 - peak retained/dense-equivalent",
+            ["policy"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.request_kv_peak = Histogram(
+            "raas_request_kv_peak_retained_tokens",
+            "Per-request peak retained KV tokens",
+            ["policy"],
+            buckets=KV_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.kv_bytes_per_token = Gauge(
+            "raas_kv_bytes_per_token",
+            "Bytes of K and V for one token over all layers",
+            registry=r,
+        )
+        self.kv_bytes_per_token.set(bytes_per_kv_token or 0)
+
+        self.engine_ready = Gauge(
+            "raas_engine_ready", "1 when the engine is ready to serve", registry=r
+        )
+        self.engine_restarts = Counter(
+            "raas_engine_restarts", "Restarts of the embedded engine", registry=r
+        )
+        self.engine_aborts = Counter(
+            "raas_engine_aborts", "Abort requests sent to the engine", ["reason"], registry=r
+        )
+        self.gateway_info = Gauge(
+            "raas_gateway_info",
+            "Constant 1, labelled with the gateway's configuration",
+            ["model", "engine_mode", "attention_backend"],
+            registry=r,
+        )
+
+        self.engine = EngineMetricsCollector()
+        self.engine.bytes_per_token = bytes_per_kv_token
+        r.register(self.engine)
+
+        self._retained_sum: dict[str, float] = defaultdict(float)
+        self._dense_sum: dict[str, float] = defaultdict(float)
+        self._restarts_seen = 0
+        # Pre-create the policy series so dashboards see zeros instead of gaps.
+        for policy in POLICY_NAMES:
+            self.kv_requests.labels(policy)
+            self.kv_retained_tokens.labels(policy)
+            self.kv_dense_tokens.labels(policy)
+            self.kv_evicted_pages.labels(policy)
+
+    def set_bytes_per_kv_token(self, value: int | None) -> None:
+        self.bytes_per_kv_token = value
+        self.engine.bytes_per_token = value
+        self.kv_bytes_per_token.set(value or 0)
+
+    def sync_engine_state(self, ready: bool, restarts: int) -> None:
+        self.engine_ready.set(1 if ready else 0)
+        if restarts > self._restarts_seen:
+            self.engine_restarts.inc(restarts - self._restarts_seen)
+            self._restarts_seen = restarts
+
+    def record_success(
+        self,
+        *,
+        policy: str,
+        stream: bool,
+        e2e_s: float,
+        ttft_s: float | None,
+        prompt_tokens: int,
+        completion_tokens: int,
+        kv: KvCacheUsage,
+    ) -> None:
+        self.chat_requests.labels(policy, _flag(stream), "success").inc()
+        self.e2e.labels(policy, _flag(stream)).observe(e2e_s)
+        if ttft_s is not None:
+            self.ttft.labels(policy).observe(ttft_s)
+            if completion_tokens > 1:
+                self.tpot.labels(policy).observe((e2e_s - ttft_s) / (completion_tokens - 1))
+        self.prompt_tokens.labels(policy).inc(prompt_tokens)
+        self.completion_tokens.labels(policy).inc(completion_tokens)
+        self.record_kv(kv)
+
+    def record_kv(self, kv: KvCacheUsage) -> None:
+        policy = kv.policy
+        self.kv_requests.labels(policy).inc()
+        if kv.peak_retained_tokens is None or kv.dense_equivalent_tokens is None:
+            return
+        retained, dense = kv.peak_retained_tokens, kv.dense_equivalent_tokens
+        self.kv_reported.labels(policy).inc()
+        self.kv_retained_tokens.labels(policy).inc(retained)
+        self.kv_dense_tokens.labels(policy).inc(dense)
+        self.request_kv_peak.labels(policy).observe(retained)
+        if self.bytes_per_kv_token:
+            self.kv_retained_bytes.labels(policy).inc(retained * self.bytes_per_kv_token)
+            self.kv_dense_bytes.labels(policy).inc(dense * self.bytes_per_kv_token)
+        if kv.evicted_pages:
+            self.kv_evicted_pages.labels(policy).inc(kv.evicted_pages)
+        if dense > 0:
+            self.request_kv_savings.labels(policy).observe(max(0.0, 1 - retained / dense))
+            self._retained_sum[policy] += retained
+            self._dense_sum[policy] += dense
+            self.kv_savings.labels(policy).set(
+                max(0.0, 1 - self._retained_sum[policy] / self._dense_sum[policy])
+            )
+
+    def record_outcome(self, *, policy: str, stream: bool, outcome: str) -> None:
+        self.chat_requests.labels(policy, _flag(stream), outcome).inc()
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"

@@ -1,0 +1,152 @@
+"""Gateway configuration: one typed class, read from `RAAS_*` environment variables.
+
+Every knob of the gateway lives here with its validation, so `raas-serve`, the tests and
+a Kubernetes manifest configure the same object. List fields take JSON in the
+environment (`RAAS_ENGINE_EXTRA_ARGS='["--log-level", "warning"]'`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.kv_policy import POLICY_NAMES, PolicyName
+
+EngineMode = Literal["embedded", "remote"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RAAS_", extra="ignore")
+
+    # --- the gateway's own socket (used by `raas-serve serve`) ---
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+
+    # --- the model ---
+    model_name: str = Field(default="smollm2-135m-instruct", min_length=1)
+    # None serves the bundled model (converted on first use); a path replaces it. In remote
+    # mode the path is only read for config.json (bytes per KV token).
+    model_path: str | None = None
+
+    # --- the engine ---
+    engine_mode: EngineMode = "embedded"
+    # Remote mode: where SGLang listens. Embedded mode derives its URL from host/port.
+    engine_url: str = "http://127.0.0.1:30000"
+    engine_host: str = "127.0.0.1"
+    engine_port: int = Field(default=30000, ge=1, le=65535)
+    # torch_native is dense attention; `raas` once the backend plugin lands.
+    engine_attention_backend: str = "torch_native"
+    engine_dtype: str = "auto"
+    engine_device: str = "auto"
+    engine_max_total_tokens: int | None = Field(default=16384, ge=1)
+    engine_extra_args: list[str] = Field(default_factory=list)
+    # None: the engine inherits the gateway's stdout/stderr (what containers want).
+    engine_log_file: Path | None = None
+    engine_start_timeout_s: float = Field(default=600.0, gt=0)
+    engine_restart_backoff_s: float = Field(default=1.0, gt=0)
+    engine_restart_backoff_max_s: float = Field(default=60.0, gt=0)
+    # SGLang's /health runs a one-token generation when idle: probe gently.
+    engine_health_interval_s: float = Field(default=5.0, gt=0)
+    engine_health_timeout_s: float = Field(default=10.0, gt=0)
+    # Consecutive unanswered (timed-out) probes before a live engine counts as unhealthy;
+    # embedded mode then restarts it. A refused connection counts at once.
+    engine_unhealthy_threshold: int = Field(default=3, ge=1)
+    engine_stop_grace_s: float = Field(default=15.0, gt=0)
+    engine_metrics_timeout_s: float = Field(default=2.0, gt=0)
+
+    # --- upstream HTTP ---
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Longest silence from the engine: the whole answer for non-streaming requests, the gap
+    # between two chunks for streaming ones. Past it the client gets a 504.
+    upstream_timeout_s: float = Field(default=600.0, gt=0)
+    upstream_max_connections: int = Field(default=1024, ge=1)
+
+    # --- request limits ---
+    max_request_bytes: int = Field(default=1 << 20, ge=1024)
+    # Cap on max_tokens / max_completion_tokens a client may ask for.
+    max_tokens_limit: int = Field(default=4096, ge=1)
+    # Sent when the client asks for no limit. None leaves it to the engine, which stops at
+    # EOS or the context length (a fixed default would turn long prompts into 400s).
+    default_max_tokens: int | None = Field(default=None, ge=1)
+    max_n: int = Field(default=8, ge=1)
+
+    # --- admission control ---
+    max_in_flight: int = Field(default=64, ge=1)
+    max_queue: int = Field(default=256, ge=0)
+    queue_timeout_s: float = Field(default=60.0, gt=0)
+    retry_after_s: int = Field(default=1, ge=1)
+    # Applies to keys that set no `max_concurrency` of their own; None is unlimited.
+    per_key_max_concurrency: int | None = Field(default=None, ge=1)
+
+    # --- auth: no keys configured means auth is off ---
+    api_keys_file: Path | None = None
+    # Comma-separated bearer keys without per-key limits (for a Kubernetes secret).
+    api_keys: SecretStr | None = None
+
+    # --- KV policy defaults and server caps ---
+    kv_allowed_policies: list[PolicyName] = Field(default_factory=lambda: list(POLICY_NAMES))
+    kv_default_policy: PolicyName = "raas"
+    kv_default_budget_tokens: int = 2048
+    # alpha 0.1 rather than the paper's 1e-4: a simulation on the bundled model found that
+    # 1e-4 marks every page used at every step, so RaaS degenerates into StreamingLLM.
+    kv_default_alpha: float = 0.1
+    # The engine's floor is two pages of 16 tokens.
+    kv_min_budget_tokens: int = Field(default=32, ge=1)
+    kv_max_budget_tokens: int = Field(default=8192, ge=1)
+    # Bytes one token's K and V take across all layers; None reads the model's config.json.
+    kv_bytes_per_token: int | None = Field(default=None, ge=1)
+
+    # --- logging ---
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = True
+
+    @field_validator("engine_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http(s) URL, got {value!r}")
+        return value.rstrip("/")
+
+    @field_validator("kv_default_alpha")
+    @classmethod
+    def _alpha_range(cls, value: float) -> float:
+        if not (math.isfinite(value) and 0.0 <= value < 1.0):
+            raise ValueError(f"expected alpha in [0, 1), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if not self.kv_allowed_policies:
+            raise ValueError("expected at least one allowed KV policy, got none")
+        if self.kv_default_policy not in self.kv_allowed_policies:
+            raise ValueError(
+                f"expected kv_default_policy among {self.kv_allowed_policies}, "
+                f"got {self.kv_default_policy!r}"
+            )
+        if self.kv_min_budget_tokens > self.kv_max_budget_tokens:
+            raise ValueError(
+                f"expected kv_min_budget_tokens <= kv_max_budget_tokens, got "
+                f"{self.kv_min_budget_tokens} > {self.kv_max_budget_tokens}"
+            )
+        if not (
+            self.kv_min_budget_tokens <= self.kv_default_budget_tokens <= self.kv_max_budget_tokens
+        ):
+            raise ValueError(
+                f"expected kv_default_budget_tokens in [{self.kv_min_budget_tokens}, "
+                f"{self.kv_max_budget_tokens}], got {self.kv_default_budget_tokens}"
+            )
+        if self.default_max_tokens is not None and self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("expected default_max_tokens <= max_tokens_limit")
+        if self.engine_restart_backoff_s > self.engine_restart_backoff_max_s:
+            raise ValueError("expected engine_restart_backoff_s <= engine_restart_backoff_max_s")
+        return self
+
+    @property
+    def upstream_url(self) -> str:
+        if self.engine_mode == "embedded":
+            return f"http://{self.engine_host}:{self.engine_port}"
+        return self.engine_url

@@ -1,0 +1,215 @@
+"""Relaying SGLang's SSE stream to the client.
+
+Chunks pass through byte-for-byte except the usage chunk, which gains `usage.kv_cache`
+(and is dropped if the client did not ask for usage), and SGLang's error events, which
+are rewritten into OpenAI's error shape. Any failure mid-stream becomes an error event
+followed by `data: [DONE]`, because the status line has long been sent.
+
+`RelayResponse` owns the ASGI exchange so that a client disconnect is seen at once (a
+watcher reads `http.disconnect`) and clean-up runs exactly once, deterministically, even
+when the disconnect lands while the relay is parked at a `yield`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from service.errors import ErrorBody, ErrorDetail
+from service.kv_policy import EffectivePolicy, KvCacheUsage
+
+DONE = b"data: [DONE]\n\n"
+
+
+def sse(payload: str) -> bytes:
+    return f"data: {payload}\n\n".encode()
+
+
+def error_event(message: str, type_: str, code: str, param: str | None = None) -> bytes:
+    body = ErrorBody(error=ErrorDetail(message=message, type=type_, param=param, code=code))
+    return sse(body.model_dump_json())
+
+
+def normalize_engine_error(payload: Any) -> bytes:
+    detail = payload.get("error") if isinstance(payload, dict) else None
+    if not isinstance(detail, dict):
+        detail = {"message": str(detail)}
+    status = detail.get("code")
+    is_client = isinstance(status, int) and 400 <= status < 500
+    return error_event(
+        str(detail.get("message") or "engine error"),
+        "invalid_request_error" if is_client else "server_error",
+        f"engine_error_{status}" if status is not None else "engine_error",
+        detail.get("param") if isinstance(detail.get("param"), str) else None,
+    )
+
+
+def has_token(chunk: dict[str, Any]) -> bool:
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta") or {}
+        if delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"):
+            return True
+    return False
+
+
+@dataclass
+class StreamResult:
+    """What the relay observed; read by the chat service when the stream ends."""
+
+    outcome: str = "stream_error"
+    first_token_at: float | None = None
+    usage: dict[str, Any] | None = None
+    kv: KvCacheUsage | None = None
+    finished: bool = False
+    engine_errors: list[str] = field(default_factory=list)
+
+
+class StreamRelay:
+    def __init__(
+        self,
+        upstream: httpx.Response,
+        policy: EffectivePolicy,
+        *,
+        include_usage: bool,
+        on_finish: Callable[[StreamRelay, bool], Awaitable[None]],
+    ) -> None:
+        self._upstream = upstream
+        self._policy = policy
+        self._include_usage = include_usage
+        self._on_finish = on_finish
+        self._finish_called = False
+        self.result = StreamResult()
+
+    async def events(self) -> AsyncIterator[bytes]:
+        saw_done = False
+        try:
+            async for line in self._upstream.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    saw_done = True
+                    break
+                out = self._on_chunk(data)
+                if out is not None:
+                    yield out
+            if saw_done:
+                if self.result.outcome != "engine_error":
+                    self.result.outcome = "success"
+            else:
+                self.result.outcome = "engine_unavailable"
+                yield error_event(
+                    "The inference engine closed the stream before it finished",
+                    "server_error",
+                    "engine_unavailable",
+                )
+        except httpx.TimeoutException:
+            self.result.outcome = "upstream_timeout"
+            yield error_event(
+                "The inference engine stopped sending tokens", "server_error", "upstream_timeout"
+            )
+        except httpx.TransportError:
+            self.result.outcome = "engine_unavailable"
+            yield error_event(
+                "The inference engine connection failed mid-stream",
+                "server_error",
+                "engine_unavailable",
+            )
+        self.result.finished = True
+        yield DONE
+
+    def _on_chunk(self, data: str) -> bytes | None:
+        try:
+            chunk = json.loads(data)
+        except json.JSONDecodeError:
+            return sse(data)
+        if not isinstance(chunk, dict):
+            return sse(data)
+        if "error" in chunk:
+            self.result.outcome = "engine_error"
+            self.result.engine_errors.append(str(chunk["error"])[:200])
+            return normalize_engine_error(chunk)
+        if self.result.first_token_at is None and has_token(chunk):
+            self.result.first_token_at = time.monotonic()
+        usage = chunk.get("usage")
+        if isinstance(usage, dict) and not chunk.get("choices"):
+            kv = KvCacheUsage.merge(self._policy, usage.get("kv_cache"))
+            usage["kv_cache"] = kv.model_dump()
+            self.result.usage = usage
+            self.result.kv = kv
+            return sse(json.dumps(chunk)) if self._include_usage else None
+        return sse(data)
+
+    async def finish(self, client_gone: bool) -> None:
+        """Run once: close the upstream and hand over to the chat service's clean-up."""
+        if self._finish_called:
+            return
+        self._finish_called = True
+        disconnected = client_gone and not self.result.finished
+        if disconnected:
+            self.result.outcome = "client_disconnected"
+        try:
+            await self._upstream.aclose()
+        finally:
+            await self._on_finish(self, disconnected)
+
+
+class RelayResponse(Response):
+    media_type = "text/event-stream"
+
+    def __init__(self, relay: StreamRelay, headers: dict[str, str] | None = None) -> None:
+        self.relay = relay
+        self.status_code = 200
+        self.background = None
+        self.init_headers(
+            {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client_gone = False
+        events = self.relay.events()
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def pump() -> None:
+                    nonlocal client_gone
+                    try:
+                        await send(
+                            {
+                                "type": "http.response.start",
+                                "status": self.status_code,
+                                "headers": self.raw_headers,
+                            }
+                        )
+                        async for chunk in events:
+                            await send(
+                                {"type": "http.response.body", "body": chunk, "more_body": True}
+                            )
+                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                    except OSError:
+                        client_gone = True
+                    tg.cancel_scope.cancel()
+
+                async def watch_disconnect() -> None:
+                    nonlocal client_gone
+                    while True:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            client_gone = True
+                            tg.cancel_scope.cancel()
+                            return
+
+                tg.start_soon(pump)
+                tg.start_soon(watch_disconnect)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await events.aclose()
+                await self.relay.finish(client_gone)

@@ -1,0 +1,55 @@
+"""Run an ASGI app (the gateway, or a fake engine) on a real socket in a background thread.
+
+Real HTTP matters here: disconnects, SSE framing and timeouts only behave like
+production over a socket, not through an in-process transport.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import uvicorn
+
+from tests.support.sglang_server import free_port
+
+
+@contextlib.contextmanager
+def serve_app(app: Any, *, startup_timeout_s: float = 30.0) -> Iterator[str]:
+    port = free_port()
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_config=None,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"server on port {port} did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def wait_ready(url: str, timeout_s: float = 30.0) -> None:
+    """Block until the gateway's readiness probe says ready."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/health/ready", timeout=5).status_code == 200:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"gateway at {url} not ready after {timeout_s:.0f}s")

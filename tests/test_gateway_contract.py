@@ -1,0 +1,570 @@
+"""The gateway's HTTP contract, driven by the real `openai` client over real sockets,
+against a scripted stand-in for SGLang.
+
+The stand-in speaks SGLang's wire format and can do what a healthy engine on this
+machine will not do on demand: report `usage.kv_cache`, stall, fail mid-stream, send an
+error event. Tests against the real engine are in test_gateway_engine.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from service.app import create_app
+from service.settings import Settings
+from tests.support.gateway_server import serve_app, wait_ready
+from tests.support.sglang_server import free_port
+
+MODEL = "smollm2-135m-instruct"
+ENGINE_KV = {"peak_retained_tokens": 48, "dense_equivalent_tokens": 96, "evicted_pages": 3}
+ENGINE_METRICS = """\
+# HELP sglang:num_running_reqs running
+# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{tp_rank="0"} 0.0
+# HELP sglang:kv_used_tokens used
+# TYPE sglang:kv_used_tokens gauge
+sglang:kv_used_tokens{tp_rank="0"} 64.0
+"""
+
+
+class FakeEngine:
+    """Scripted by the last user message: `slow:<s>`, `drip:<s>`, `die-mid-stream`,
+    `truncate`, `error-event`, `bad-request`, `report-kv`."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.aborts: list[str] = []
+        self.app = FastAPI()
+        self.app.post("/v1/chat/completions")(self.chat)
+        self.app.post("/abort_request")(self.abort)
+        self.app.get("/health")(lambda: PlainTextResponse("ok"))
+        self.app.get("/metrics")(lambda: PlainTextResponse(ENGINE_METRICS))
+
+    async def abort(self, request: Request) -> JSONResponse:
+        self.aborts.append((await request.json())["rid"])
+        return JSONResponse({})
+
+    async def chat(self, request: Request):
+        body = await request.json()
+        self.bodies.append(body)
+        script = body["messages"][-1]["content"]
+        if script == "bad-request":
+            return JSONResponse(
+                {
+                    "object": "error",
+                    "message": "kv_policy.recent_tokens: expected at most 48, got 64",
+                    "type": "BadRequestError",
+                    "param": None,
+                    "code": 400,
+                },
+                status_code=400,
+            )
+        if script.startswith("slow:"):
+            await asyncio.sleep(float(script.split(":")[1]))
+        usage: dict[str, Any] = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+        if script == "report-kv":
+            usage["kv_cache"] = {"policy": body["custom_params"]["kv_policy"]["name"], **ENGINE_KV}
+        if not body.get("stream"):
+            return JSONResponse(
+                {
+                    "id": body["rid"],
+                    "object": "chat.completion",
+                    "created": 1,
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {
+                                "role": "assistant",
+                                "content": "a b c",
+                                "reasoning_content": "thinking",
+                            },
+                            "finish_reason": "length",
+                        }
+                    ],
+                    "usage": usage,
+                }
+            )
+        return StreamingResponse(self._stream(body, script, usage), media_type="text/event-stream")
+
+    async def _stream(self, body: dict[str, Any], script: str, usage: dict[str, Any]):
+        drip = float(script.split(":")[1]) if script.startswith("drip:") else 0.0
+        n_tokens = 200 if drip else 3
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+            payload = {
+                "id": body["rid"],
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": body["model"],
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+            return f"data: {json.dumps(payload)}\n\n"
+
+        yield chunk({"role": "assistant", "content": ""})
+        for i in range(n_tokens):
+            if drip:
+                await asyncio.sleep(drip)
+            yield chunk({"content": f"t{i} "})
+            if script == "die-mid-stream" and i == 1:
+                raise RuntimeError("engine died")  # the connection breaks mid-body
+            if script == "truncate" and i == 1:
+                return  # a clean end of body, but no [DONE]
+            if script == "error-event" and i == 1:
+                err = {
+                    "object": "error",
+                    "message": "boom",
+                    "type": "X",
+                    "param": None,
+                    "code": 500,
+                }
+                yield f"data: {json.dumps({'error': err})}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+        yield chunk({}, "length")
+        if (body.get("stream_options") or {}).get("include_usage"):
+            final = {
+                "id": body["rid"],
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": body["model"],
+                "choices": [],
+                "usage": usage,
+            }
+            yield f"data: {json.dumps(final)}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[tuple[FakeEngine, str]]:
+    fake = FakeEngine()
+    with serve_app(fake.app) as url:
+        yield fake, url
+
+
+@contextlib.contextmanager
+def gateway(engine_url: str, ready: bool = True, **overrides: Any) -> Iterator[str]:
+    settings = Settings(
+        engine_mode="remote",
+        engine_url=engine_url,
+        engine_health_interval_s=0.1,
+        kv_bytes_per_token=1000,
+        **overrides,
+    )
+    with serve_app(create_app(settings)) as url:
+        if ready:
+            wait_ready(url, timeout_s=10)
+        yield url
+
+
+def client(url: str, api_key: str = "unused", timeout: float = 30) -> openai.OpenAI:
+    # max_retries=0: the client would otherwise retry 429/5xx and hide what we test.
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=timeout)
+
+
+def say(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def gw(engine) -> Iterator[str]:
+    with gateway(engine[1]) as url:
+        yield url
+
+
+# --- the happy paths ------------------------------------------------------------------
+
+
+def test_chat_forwards_openai_params_and_policy(engine, gw):
+    fake, _ = engine
+    resp = client(gw).chat.completions.create(
+        model=MODEL,
+        messages=say("report-kv"),
+        max_tokens=5,
+        temperature=0.5,
+        top_p=0.9,
+        seed=7,
+        stop=["\n"],
+        n=1,
+        logprobs=True,
+        extra_body={"kv_policy": {"name": "raas", "budget_tokens": 256, "alpha": 1e-4}},
+    )
+    sent = fake.bodies[-1]
+    for field, value in {
+        "max_tokens": 5,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "seed": 7,
+        "stop": ["\n"],
+        "n": 1,
+        "logprobs": True,
+    }.items():
+        assert sent[field] == value, field
+    assert sent["custom_params"] == {
+        "kv_policy": {"name": "raas", "budget_tokens": 256, "alpha": 1e-4}
+    }
+    assert sent["rid"] == resp.id and resp.id.startswith("chatcmpl-")
+    assert "kv_policy" not in sent
+    assert resp.choices[0].message.content == "a b c"
+    assert resp.choices[0].message.model_extra["reasoning_content"] == "thinking"
+    assert resp.usage.kv_cache == {
+        "policy": "raas",
+        "budget_tokens": 256,
+        "alpha": 1e-4,
+        **ENGINE_KV,
+    }
+
+
+def test_kv_cache_is_echoed_even_when_the_engine_reports_nothing(gw):
+    resp = client(gw).chat.completions.create(
+        model=MODEL, messages=say("hi"), extra_headers={"X-KV-Policy": "name=h2o,budget_tokens=96"}
+    )
+    assert resp.usage.kv_cache == {
+        "policy": "h2o",
+        "budget_tokens": 96,
+        "alpha": 0.1,
+        "peak_retained_tokens": None,
+        "dense_equivalent_tokens": None,
+        "evicted_pages": None,
+    }
+
+
+def test_stream_with_usage_gets_kv_cache_in_final_chunk(engine, gw):
+    fake, _ = engine
+    stream = client(gw).chat.completions.create(
+        model=MODEL,
+        messages=say("report-kv"),
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"kv_policy": {"name": "streaming", "budget_tokens": 64}},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "t0 t1 t2 "
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+    assert chunks[-1].usage.kv_cache["policy"] == "streaming"
+    assert chunks[-1].usage.kv_cache["peak_retained_tokens"] == 48
+    assert fake.bodies[-1]["stream_options"] == {"include_usage": True}
+
+
+def test_stream_without_usage_hides_the_usage_chunk_and_ends_with_done(gw):
+    with httpx.stream(
+        "POST",
+        f"{gw}/v1/chat/completions",
+        json={"model": MODEL, "messages": say("hi"), "stream": True},
+        timeout=30,
+    ) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in resp.iter_lines() if line.startswith("data:")]
+    assert events[-1] == "data: [DONE]"
+    assert all('"usage"' not in e for e in events)
+
+
+def test_models_and_health(gw):
+    models = client(gw).models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert httpx.get(f"{gw}/health/live").json() == {"status": "alive"}
+    ready = httpx.get(f"{gw}/health/ready").json()
+    assert ready["status"] == "ready" and ready["engine_mode"] == "remote"
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+def error_of(resp: httpx.Response) -> dict[str, Any]:
+    body = resp.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert "Traceback" not in body["error"]["message"]
+    return body["error"]
+
+
+def test_invalid_kv_policy_is_400_naming_the_field(gw):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(gw).chat.completions.create(
+            model=MODEL,
+            messages=say("hi"),
+            extra_body={"kv_policy": {"name": "raas", "budget_tokens": 10**9}},
+        )
+    assert exc.value.body["param"] == "kv_policy.budget_tokens"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(gw).chat.completions.create(
+            model=MODEL, messages=say("hi"), extra_headers={"X-KV-Policy": "name=lru"}
+        )
+    assert exc.value.body["param"] == "kv_policy.name"
+
+
+def test_max_tokens_limit_is_400(gw):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(gw).chat.completions.create(model=MODEL, messages=say("hi"), max_tokens=10**6)
+    assert exc.value.body["param"] == "max_tokens"
+
+
+def test_engine_400_passes_through_with_param(gw):
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(gw).chat.completions.create(model=MODEL, messages=say("bad-request"))
+    assert exc.value.body["param"] == "kv_policy.recent_tokens"
+
+
+def test_unknown_model_is_404(gw):
+    with pytest.raises(openai.NotFoundError) as exc:
+        client(gw).chat.completions.create(model="gpt-4o", messages=say("hi"))
+    assert exc.value.body["code"] == "model_not_found"
+    err = error_of(httpx.get(f"{gw}/v1/nothing-here"))
+    assert err["code"] == "not_found"
+    resp = httpx.get(f"{gw}/v1/chat/completions")
+    assert resp.status_code == 405 and error_of(resp)["code"] == "method_not_allowed"
+
+
+def test_malformed_json_and_schema_are_422(gw):
+    resp = httpx.post(
+        f"{gw}/v1/chat/completions",
+        content=b'{"model": ',
+        headers={"content-type": "application/json"},
+    )
+    assert resp.status_code == 422 and error_of(resp)["code"] == "invalid_json"
+    resp = httpx.post(f"{gw}/v1/chat/completions", json={"model": MODEL})
+    assert resp.status_code == 422 and error_of(resp)["param"] == "messages"
+    with pytest.raises(openai.UnprocessableEntityError):
+        client(gw).chat.completions.create(model=MODEL, messages="not a list")  # type: ignore[arg-type]
+
+
+def test_body_too_large_is_413(engine):
+    with gateway(engine[1], max_request_bytes=2048) as url:
+        big = "x" * 4096
+        resp = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": say(big)})
+        assert resp.status_code == 413 and error_of(resp)["code"] == "request_too_large"
+
+        def chunked():
+            yield b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", '
+            yield b'"content": "' + b"y" * 4096 + b'"}]}'
+
+        resp = httpx.post(f"{url}/v1/chat/completions", content=chunked())
+        assert resp.status_code == 413
+
+
+def test_auth(engine, tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"keys": [{"key": "sk-good", "name": "tester"}]}))
+    with gateway(engine[1], api_keys_file=keys, api_keys="sk-env") as url:
+        for bad in ("sk-bad", ""):
+            with pytest.raises(openai.AuthenticationError) as exc:
+                client(url, api_key=bad).models.list()
+            assert exc.value.body["code"] == "invalid_api_key"
+        resp = httpx.post(f"{url}/v1/chat/completions", json={"model": MODEL, "messages": []})
+        assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
+        for good in ("sk-good", "sk-env"):
+            out = client(url, api_key=good).chat.completions.create(model=MODEL, messages=say("x"))
+            assert out.choices[0].message.content == "a b c"
+        assert httpx.get(f"{url}/health/ready").status_code == 200  # probes need no key
+
+
+def test_key_budget_cap_applies(engine, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-small max_budget_tokens=128 default_policy=streaming\n")
+    with gateway(engine[1], api_keys_file=keys) as url:
+        c = client(url, api_key="sk-small")
+        out = c.chat.completions.create(model=MODEL, messages=say("x"))
+        assert out.usage.kv_cache["policy"] == "streaming"
+        assert out.usage.kv_cache["budget_tokens"] == 128
+        with pytest.raises(openai.BadRequestError, match="API key cap"):
+            c.chat.completions.create(
+                model=MODEL, messages=say("x"), extra_body={"kv_policy": {"budget_tokens": 256}}
+            )
+
+
+def test_engine_down_is_503_and_not_ready():
+    dead = f"http://127.0.0.1:{free_port()}"
+    with gateway(dead, ready=False) as url:
+        time.sleep(0.3)
+        assert httpx.get(f"{url}/health/ready").status_code == 503
+        assert httpx.get(f"{url}/health/live").status_code == 200
+        with pytest.raises(openai.InternalServerError) as exc:
+            client(url).chat.completions.create(model=MODEL, messages=say("hi"))
+        assert exc.value.status_code == 503
+        assert exc.value.body["code"] == "engine_unavailable"
+        metrics = httpx.get(f"{url}/metrics").text
+        assert "raas_engine_up 0.0" in metrics and "raas_engine_ready 0.0" in metrics
+
+
+def test_upstream_timeout_is_504_and_aborts(engine):
+    fake, engine_url = engine
+    with gateway(engine_url, upstream_timeout_s=0.5) as url:
+        with pytest.raises(openai.InternalServerError) as exc:
+            client(url).chat.completions.create(model=MODEL, messages=say("slow:3"))
+        assert exc.value.status_code == 504
+        assert exc.value.body["code"] == "upstream_timeout"
+        rid = fake.bodies[-1]["rid"]
+        wait_for(lambda: rid in fake.aborts)
+
+
+def test_mid_stream_failure_is_an_error_event_then_done(gw):
+    for script, code in (
+        ("die-mid-stream", "engine_unavailable"),
+        ("truncate", "engine_unavailable"),
+        ("error-event", None),
+    ):
+        with httpx.stream(
+            "POST",
+            f"{gw}/v1/chat/completions",
+            json={"model": MODEL, "messages": say(script), "stream": True},
+            timeout=30,
+        ) as resp:
+            assert resp.status_code == 200
+            events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        errors = [json.loads(e)["error"] for e in events[:-1] if '"error"' in e]
+        assert len(errors) == 1 and set(errors[0]) == {"message", "type", "param", "code"}
+        if code:
+            assert errors[0]["code"] == code
+        else:
+            assert errors[0]["message"] == "boom" and errors[0]["type"] == "server_error"
+    with pytest.raises(openai.APIError, match="closed the stream before it finished"):
+        list(client(gw).chat.completions.create(model=MODEL, messages=say("truncate"), stream=True))
+
+
+# --- admission --------------------------------------------------------------------------
+
+
+def background(fn) -> threading.Thread:
+    thread = threading.Thread(target=fn, daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_for(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.02)
+
+
+def gauge(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def test_queue_full_is_429_with_retry_after(engine):
+    with gateway(engine[1], max_in_flight=1, max_queue=1, retry_after_s=2) as url:
+        c = client(url)
+        results: list[str] = []
+        held = background(
+            lambda: results.append(
+                # Long enough that a loaded machine still sees the queue state below.
+                c.chat.completions.create(model=MODEL, messages=say("slow:4")).id
+            )
+        )
+        wait_for(lambda: gauge(url, "raas_requests_in_flight") == 1)
+        queued = background(
+            lambda: results.append(c.chat.completions.create(model=MODEL, messages=say("x")).id)
+        )
+        wait_for(lambda: gauge(url, "raas_requests_queued") == 1)
+        with pytest.raises(openai.RateLimitError) as exc:
+            c.chat.completions.create(model=MODEL, messages=say("x"))
+        assert exc.value.response.headers["retry-after"] == "2"
+        assert exc.value.body["code"] == "queue_full"
+        held.join(20)
+        queued.join(20)
+        assert len(results) == 2  # the queued request was served once the slot freed
+        assert (
+            'raas_admission_rejections_total{reason="queue_full"} 1.0'
+            in httpx.get(f"{url}/metrics").text
+        )
+
+
+def test_per_key_concurrency_is_429(engine, tmp_path):
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps([{"key": "sk-one", "max_concurrency": 1}, {"key": "sk-two"}]))
+    with gateway(engine[1], api_keys_file=keys) as url:
+        held = background(
+            lambda: client(url, "sk-one").chat.completions.create(
+                model=MODEL, messages=say("slow:3")
+            )
+        )
+        wait_for(lambda: gauge(url, "raas_requests_in_flight") == 1)
+        with pytest.raises(openai.RateLimitError) as exc:
+            client(url, "sk-one").chat.completions.create(model=MODEL, messages=say("x"))
+        assert exc.value.body["code"] == "key_concurrency"
+        client(url, "sk-two").chat.completions.create(model=MODEL, messages=say("x"))
+        held.join(20)
+
+
+# --- disconnects ------------------------------------------------------------------------
+
+
+def test_stream_disconnect_aborts_in_engine(engine, gw):
+    fake, _ = engine
+    stream = client(gw).chat.completions.create(model=MODEL, messages=say("drip:0.05"), stream=True)
+    next(iter(stream))
+    rid = fake.bodies[-1]["rid"]
+    stream.close()
+    wait_for(lambda: rid in fake.aborts, timeout_s=5)
+    wait_for(lambda: gauge(gw, "raas_requests_in_flight") == 0, timeout_s=5)
+
+
+def test_non_stream_disconnect_aborts_in_engine(engine, gw):
+    fake, _ = engine
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{gw}/v1/chat/completions",
+            json={"model": MODEL, "messages": say("slow:5")},
+            timeout=httpx.Timeout(5, read=0.5),
+        )
+    rid = fake.bodies[-1]["rid"]
+    wait_for(lambda: rid in fake.aborts, timeout_s=5)
+    wait_for(lambda: gauge(gw, "raas_requests_in_flight") == 0, timeout_s=5)
+
+
+# --- metrics ----------------------------------------------------------------------------
+
+
+def test_metrics_after_traffic(gw):
+    c = client(gw)
+    c.chat.completions.create(
+        model=MODEL, messages=say("report-kv"), extra_body={"kv_policy": {"name": "quest"}}
+    )
+    list(
+        c.chat.completions.create(
+            model=MODEL,
+            messages=say("report-kv"),
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"kv_policy": {"name": "quest"}},
+        )
+    )
+    text = httpx.get(f"{gw}/metrics").text
+    for needle in (
+        'raas_kv_retained_tokens_total{policy="quest"} 96.0',
+        'raas_kv_dense_equivalent_bytes_total{policy="quest"} 192000.0',
+        'raas_kv_evicted_pages_total{policy="quest"} 6.0',
+        'raas_kv_savings_ratio{policy="quest"} 0.5',
+        'raas_time_to_first_token_seconds_count{policy="quest"} 1.0',
+        'raas_completion_tokens_total{policy="quest"} 6.0',
+        'raas_http_requests_total{code="200",method="POST",route="/v1/chat/completions"}',
+        "raas_engine_kv_used_tokens 64.0",
+        "raas_engine_kv_used_bytes 64000.0",
+        "raas_engine_up 1.0",
+    ):
+        assert needle in text, needle
+    if shutil.which("promtool"):
+        out = subprocess.run(
+            ["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
+        )
+        assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
