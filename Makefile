@@ -29,7 +29,7 @@ endif
 	touch $(STAMP)
 
 prepare-model: install
-	$(BIN)/python -m service.bundled_model
+	$(BIN)/raas-serve prepare-model
 
 serve: prepare-model
 	$(BIN)/raas-serve serve --host 127.0.0.1 --port 8000

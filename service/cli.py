@@ -56,7 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--attention-backend",
         dest="engine_attention_backend",
-        help="SGLang attention backend (RAAS_ENGINE_ATTENTION_BACKEND, default torch_native)",
+        help="SGLang attention backend (RAAS_ENGINE_ATTENTION_BACKEND, default raas)",
     )
     serve.add_argument("--api-keys-file", type=Path, help="API keys file (RAAS_API_KEYS_FILE)")
     serve.add_argument(

@@ -22,7 +22,7 @@ class EngineOptions:
     host: str = "127.0.0.1"
     port: int = 30000
     device: str = "auto"
-    attention_backend: str = "torch_native"
+    attention_backend: str = "raas"
     dtype: str = "auto"
     max_total_tokens: int | None = 16384
     max_running_requests: int | None = None

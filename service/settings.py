@@ -38,8 +38,8 @@ class Settings(BaseSettings):
     engine_url: str = "http://127.0.0.1:30000"
     engine_host: str = "127.0.0.1"
     engine_port: int = Field(default=30000, ge=1, le=65535)
-    # torch_native is dense attention; `raas` once the backend plugin lands.
-    engine_attention_backend: str = "torch_native"
+    # `raas` serves every kv_policy (dense included); torch_native is stock dense SGLang.
+    engine_attention_backend: str = "raas"
     engine_dtype: str = "auto"
     engine_device: str = "auto"
     engine_max_total_tokens: int | None = Field(default=16384, ge=1)

@@ -37,7 +37,9 @@ def hf_greedy(bundled_model_path) -> list[tuple[list[int], list[int]]]:
 
 @pytest.fixture(scope="module")
 def server(bundled_model_path, hf_greedy):
-    with sglang_server(str(bundled_model_path), dtype="float32") as srv:
+    with sglang_server(
+        str(bundled_model_path), dtype="float32", attention_backend="torch_native"
+    ) as srv:
         yield srv
 
 

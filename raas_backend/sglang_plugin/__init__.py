@@ -3,8 +3,10 @@
 SGLang calls `register()` in the launcher, the engine and every scheduler process. It
 lets SGLang run on the CPU without sgl-kernel, registers `--attention-backend raas`
 (the backend class is imported lazily, inside the factory), installs the scheduler
-hooks that evict and free slots, and validates `custom_params.kv_policy` where SGLang
-validates sampling parameters, so a bad value is a 400 and never a crashed scheduler.
+hooks that evict and free slots, validates `custom_params.kv_policy` where SGLang
+validates sampling parameters, so a bad value is a 400 and never a crashed scheduler, and
+reports each finished request's KV statistics (`meta_info["raas_kv_cache"]`, OpenAI
+`usage.kv_cache`; see usage_report.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def register() -> None:
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from raas_backend.sglang_plugin import request_validation, scheduler_hooks
+    from raas_backend.sglang_plugin import request_validation, scheduler_hooks, usage_report
     from raas_backend.sglang_plugin.cpu_support import enable_cpu_execution
 
     enable_cpu_execution()
@@ -54,4 +56,36 @@ def register() -> None:
         "sglang.srt.sampling.sampling_params.SamplingParams.verify",
         request_validation.after_verify,
         HookType.AFTER,
+    )
+    # KV statistics per finished request: scheduler -> meta_info -> OpenAI usage.
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler.get_output_streamer_class",
+        usage_report.around_get_output_streamer_class,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info",
+        usage_report.around_update_request_meta_info,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.tokenizer_manager.TokenizerManager.generate_request",
+        usage_report.around_generate_request,
+        HookType.AROUND,
+    )
+    chat = "sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat"
+    completion = "sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion"
+    HookRegistry.register(
+        f"{chat}._build_chat_response", usage_report.after_build_response, HookType.AFTER
+    )
+    HookRegistry.register(
+        f"{chat}._generate_chat_stream", usage_report.around_stream, HookType.AROUND
+    )
+    HookRegistry.register(
+        f"{completion}._build_completion_response",
+        usage_report.after_build_response,
+        HookType.AFTER,
+    )
+    HookRegistry.register(
+        f"{completion}._generate_completion_stream", usage_report.around_stream, HookType.AROUND
     )

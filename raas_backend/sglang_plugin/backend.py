@@ -125,7 +125,7 @@ class RaasAttnBackend(TorchNativeAttnBackend):
         index = self.decode_index
         if index.any_per_layer:
             index = self._select_per_layer(index, q_, k_buffer, layer.scaling)
-        out, page_mass = torch_ref.sparse_decode(
+        out, page_mass = self._sparse_decode(
             q_,
             k_buffer,
             v_buffer,
@@ -141,6 +141,19 @@ class RaasAttnBackend(TorchNativeAttnBackend):
                     lo, hi = index.page_offsets[b], index.page_offsets[b + 1]
                     state.add_layer_mass(page_mass[lo:hi])
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    @staticmethod
+    def _sparse_decode(q: torch.Tensor, *args, **kwargs):
+        """The CUDA kernels (FlashInfer + Triton) on a GPU, the torch path elsewhere.
+
+        On CUDA this is the adapter's one-shot form (a decoder per layer call); holding a
+        planned `SparseDecoder` per step and a CUDA-graph path are the next steps.
+        """
+        if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+            from raas_backend.kernels.cuda import sparse_decode as cuda_sparse_decode
+
+            return cuda_sparse_decode(q, *args, **kwargs)
+        return torch_ref.sparse_decode(q, *args, **kwargs)
 
     def _select_per_layer(
         self, index: DecodeIndex, q: torch.Tensor, k_buffer: torch.Tensor, scale: float

@@ -99,6 +99,19 @@ class RaasRuntime:
             while len(self.finished) > 4096:
                 self.finished.pop(next(iter(self.finished)))
 
+    def take_finished(self, rid: str) -> dict[str, Any] | None:
+        """The stats `release` stored for `rid`, removed (None if it never decoded)."""
+        return self.finished.pop(rid, None)
+
+    def prompt_only_stats(self, custom_params: Any, prompt_len: int) -> dict[str, Any]:
+        """Stats of a request that finished before its first decode step (only its
+        prompt was ever held), under its effective policy."""
+        try:
+            config = parse_custom_params(custom_params, self.defaults)
+        except PolicyConfigError:
+            config = self.defaults
+        return RequestKV(config, prompt_len=prompt_len).stats()
+
     def evicted_positions(self, row: int) -> int:
         kv = self.get(row)
         return kv.table.evicted_tokens if kv else 0

