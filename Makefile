@@ -35,10 +35,10 @@ serve: prepare-model
 	$(BIN)/raas-serve serve --host 127.0.0.1 --port 8000
 
 test: prepare-model
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install
-	$(BIN)/python -m pytest -m "not engine" $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not engine" $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
