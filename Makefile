@@ -7,7 +7,7 @@ STAMP := $(VENV)/.raas-installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: install prepare-model serve test test-fast lint format bench-cpu clean
+.PHONY: install prepare-model serve test test-fast loadtest lint format bench-cpu clean
 
 install: $(STAMP)
 
@@ -33,6 +33,15 @@ prepare-model: install
 
 serve: prepare-model
 	$(BIN)/raas-serve serve --host 127.0.0.1 --port 8000
+
+# A short load test against a running `make serve` (docs/loadtest.md); reports in
+# build/loadtest/. More flags: make loadtest LOADTEST_ARGS="--concurrency 16".
+LOADTEST_ARGS ?=
+loadtest: install
+	$(BIN)/raas-loadtest --base-url http://127.0.0.1:8000 --concurrency 4 --num-requests 32 \
+		--duration 120 --prompt-set reasoning --max-tokens 64 \
+		--policy raas,budget_tokens=32@3 --policy dense \
+		--output-dir build/loadtest $(LOADTEST_ARGS)
 
 test: prepare-model
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
