@@ -21,6 +21,7 @@ from service.chat_service import ChatService
 from service.engine_client import EngineClient
 from service.engine_supervisor import EmbeddedEngine, make_engine_monitor
 from service.errors import install_error_handlers
+from service.graceful_drain import Drain
 from service.http_metrics import HttpMetricsMiddleware
 from service.metrics import GatewayMetrics
 from service.model_config import kv_bytes_per_token_from_dir
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     key_store = load_key_store(settings.api_keys_file, settings.api_keys)
     model_dir = Path(settings.model_path) if settings.model_path else None
     gateway_metrics = GatewayMetrics(_bytes_per_token(settings, model_dir))
+    drain = Drain()
     gateway_metrics.gateway_info.labels(
         settings.model_name, settings.engine_mode, settings.engine_attention_backend
     ).set(1)
@@ -73,7 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         gateway_metrics.in_flight.set_function(lambda: admission.in_flight)
         gateway_metrics.queued.set_function(lambda: admission.queued)
-        chat_service = ChatService(settings, engine_client, monitor, admission, gateway_metrics)
+        chat_service = ChatService(
+            settings, engine_client, monitor, admission, gateway_metrics, drain
+        )
 
         app.state.engine_client = engine_client
         app.state.engine_monitor = monitor
@@ -105,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.key_store = key_store
     app.state.metrics = gateway_metrics
+    app.state.drain = drain
     install_error_handlers(app)
     app.add_middleware(HttpMetricsMiddleware, metrics=gateway_metrics)
     for module in (chat, models, health, metrics):

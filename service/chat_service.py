@@ -22,6 +22,7 @@ from service.admission import AdmissionController, AdmissionRejected, Ticket
 from service.api_keys import ApiKey
 from service.engine_client import EngineClient, EngineHTTPError, EngineTimeout, EngineUnavailable
 from service.engine_supervisor import EngineMonitor
+from service.graceful_drain import Drain
 from service.kv_policy import EffectivePolicy, KvCacheUsage, PolicyLimits
 from service.metrics import GatewayMetrics
 from service.schemas import ChatCompletionRequest
@@ -61,8 +62,10 @@ class ChatService:
         monitor: EngineMonitor,
         admission: AdmissionController,
         metrics: GatewayMetrics,
+        drain: Drain,
     ) -> None:
         self._settings = settings
+        self._drain = drain
         self._engine = engine
         self._monitor = monitor
         self._admission = admission
@@ -100,6 +103,9 @@ class ChatService:
         )
         logger = log.bind(rid=call.rid, key=key.label if key else None, policy=policy.name)
 
+        if self._drain.active:
+            self._outcome(call, "draining")
+            raise errors.draining(self._settings.retry_after_s)
         if not self._monitor.ready:
             self._outcome(call, "engine_unavailable")
             raise errors.engine_unavailable(

@@ -58,6 +58,11 @@ def _build_parser() -> argparse.ArgumentParser:
         dest="engine_attention_backend",
         help="SGLang attention backend (RAAS_ENGINE_ATTENTION_BACKEND, default raas)",
     )
+    serve.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        help="on SIGTERM, wait this long for in-flight requests (RAAS_DRAIN_TIMEOUT_S, default 30)",
+    )
     serve.add_argument("--api-keys-file", type=Path, help="API keys file (RAAS_API_KEYS_FILE)")
     serve.add_argument(
         "--log-level",
@@ -83,6 +88,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.graceful_drain import DrainingServer
     from service.log_config import configure_logging
     from service.settings import Settings
 
@@ -113,14 +119,16 @@ def _serve(args: argparse.Namespace) -> int:
     except ApiKeyError as exc:
         print(f"raas-serve: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_config=None,
-        # Open SSE streams must not hold shutdown (and the engine's teardown) hostage.
+        # The drain has already waited for in-flight requests; what is left after it (a
+        # stream past the drain timeout) must not hold the engine's teardown hostage.
         timeout_graceful_shutdown=10,
     )
+    DrainingServer(config, app, settings.drain_timeout_s).run()
     return 0
 
 

@@ -18,6 +18,7 @@ from service.api_keys import ApiKey, KeyStore
 from service.chat_service import ChatService
 from service.engine_client import EngineClient
 from service.engine_supervisor import EngineMonitor
+from service.graceful_drain import Drain
 from service.metrics import GatewayMetrics
 from service.schemas import ChatCompletionRequest
 from service.settings import Settings
@@ -47,12 +48,17 @@ async def get_engine_client(request: Request) -> EngineClient:
     return request.app.state.engine_client
 
 
+async def get_drain(request: Request) -> Drain:
+    return request.app.state.drain
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 KeyStoreDep = Annotated[KeyStore, Depends(get_key_store)]
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
 EngineMonitorDep = Annotated[EngineMonitor, Depends(get_engine_monitor)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
 EngineClientDep = Annotated[EngineClient, Depends(get_engine_client)]
+DrainDep = Annotated[Drain, Depends(get_drain)]
 
 
 async def authenticate(

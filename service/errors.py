@@ -106,6 +106,16 @@ def engine_unavailable(message: str = "The inference engine is not available") -
     return OpenAIError(503, message, type="server_error", code="engine_unavailable")
 
 
+def draining(retry_after_s: int) -> OpenAIError:
+    return OpenAIError(
+        503,
+        "The server is shutting down; retry on another replica",
+        type="server_error",
+        code="shutting_down",
+        headers={"Retry-After": str(retry_after_s)},
+    )
+
+
 def upstream_timeout(seconds: float) -> OpenAIError:
     return OpenAIError(
         504,

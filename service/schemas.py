@@ -68,7 +68,7 @@ class Liveness(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "not_ready"]
+    status: Literal["ready", "not_ready", "draining"]
     engine_mode: str
     engine_state: str
     engine_restarts: int

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
     upstream_timeout_s: float = Field(default=600.0, gt=0)
     upstream_max_connections: int = Field(default=1024, ge=1)
 
+    # --- shutdown ---
+    # On SIGTERM the gateway refuses new requests (503) and waits this long for in-flight
+    # ones to finish before it stops; 0 stops at once. Keep it below the orchestrator's
+    # kill deadline (Kubernetes terminationGracePeriodSeconds).
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+
     # --- request limits ---
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
     # Cap on max_tokens / max_completion_tokens a client may ask for.

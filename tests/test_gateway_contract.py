@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -25,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from service.app import create_app
+from service.graceful_drain import DrainingServer
 from service.settings import Settings
 from tests.support.gateway_server import serve_app, wait_ready
 from tests.support.sglang_server import free_port
@@ -568,3 +570,64 @@ def test_metrics_after_traffic(gw):
             ["promtool", "check", "metrics"], input=text.encode(), capture_output=True, timeout=30
         )
         assert out.returncode == 0, out.stdout.decode() + out.stderr.decode()
+
+
+# --- shutdown and schema ------------------------------------------------------------------
+
+
+def test_drain_finishes_in_flight_refuses_new_then_stops(engine):
+    app = create_app(
+        Settings(engine_mode="remote", engine_url=engine[1], engine_health_interval_s=0.1)
+    )
+    servers: list[DrainingServer] = []
+
+    def make_server(config):
+        servers.append(DrainingServer(config, app, timeout_s=30))
+        return servers[-1]
+
+    with serve_app(app, make_server=make_server) as url:
+        wait_ready(url, timeout_s=10)
+        done: list[Any] = []
+        slow = background(
+            lambda: done.append(
+                client(url).chat.completions.create(model=MODEL, messages=say("slow:1.5"))
+            )
+        )
+        wait_for(lambda: gauge(url, "raas_requests_in_flight") == 1)
+        servers[0].handle_exit(signal.SIGTERM, None)  # what uvicorn calls on the signal
+        ready = httpx.get(f"{url}/health/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "draining"
+        with pytest.raises(openai.InternalServerError) as exc:
+            client(url).chat.completions.create(model=MODEL, messages=say("hi"))
+        assert exc.value.status_code == 503 and exc.value.body["code"] == "shutting_down"
+        assert not servers[0].should_exit
+        slow.join(10)
+        assert done and done[0].choices[0].message.content == "a b c"
+        wait_for(lambda: servers[0].should_exit, 5)
+
+
+def test_openapi_references_all_resolve(gw):
+    """Schema-driven clients and fuzzers must be able to follow every `$ref`."""
+    doc = httpx.get(f"{gw}/openapi.json").json()
+
+    def refs(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            if isinstance(node.get("$ref"), str):
+                yield node["$ref"]
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from refs(item)
+
+    found = list(refs(doc))
+    assert found
+    for ref in found:
+        assert ref.startswith("#/"), ref
+        target: Any = doc
+        for part in ref[2:].split("/"):
+            assert isinstance(target, dict) and part in target, f"unresolvable {ref}"
+            target = target[part]
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]
+    options = chat["application/json"]["schema"]["properties"]["stream_options"]
+    assert "include_usage" in json.dumps(options)

@@ -15,11 +15,9 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +27,9 @@ import pytest
 
 from service.app import create_app
 from service.settings import Settings
+from tests.support.embedded_gateway import Served, embedded_gateway
 from tests.support.gateway_server import serve_app, wait_ready
-from tests.support.sglang_server import (
-    START_TIMEOUT_S,
-    descendants,
-    free_port,
-    heavy_process_lock,
-    stop_process_group,
-)
+from tests.support.sglang_server import START_TIMEOUT_S, descendants
 
 pytestmark = pytest.mark.engine
 
@@ -45,64 +38,10 @@ PROMPT = [{"role": "user", "content": "Name three colours."}]
 LONG = [{"role": "user", "content": "Write a very long story about a lighthouse keeper."}]
 
 
-@dataclass
-class Served:
-    url: str
-    engine_url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    engine_log_path: Path
-
-    def engine_pid(self) -> int:
-        """The engine launcher: the gateway's child that leads its own process group."""
-        for pid in descendants(self.process.pid):
-            try:
-                if os.getpgid(pid) == pid:
-                    return pid
-            except ProcessLookupError:
-                continue
-        raise LookupError("no engine process found")
-
-    def logs(self) -> str:
-        gateway = self.log_path.read_text(errors="replace").splitlines()[-40:]
-        engine = self.engine_log_path.read_text(errors="replace").splitlines()[-40:]
-        return "\n".join(["--- gateway ---", *gateway, "--- engine ---", *engine])
-
-
 @pytest.fixture(scope="module")
 def served(bundled_model_path, tmp_path_factory) -> Iterator[Served]:
-    workdir = tmp_path_factory.mktemp("embedded")
-    port, engine_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "RAAS_ENGINE_LOG_FILE": str(workdir / "engine.log"),
-        "RAAS_ENGINE_DTYPE": "float32",
-        "RAAS_ENGINE_RESTART_BACKOFF_S": "0.5",
-        "RAAS_ENGINE_HEALTH_INTERVAL_S": "1",
-        "RAAS_MODEL_PATH": str(bundled_model_path),
-    }
-    log_path = workdir / "gateway.log"
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
-    cmd += ["--engine-port", str(engine_port)]
-    with heavy_process_lock(), log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        srv = Served(
-            f"http://127.0.0.1:{port}",
-            f"http://127.0.0.1:{engine_port}",
-            proc,
-            log_path,
-            workdir / "engine.log",
-        )
-        try:
-            try:
-                wait_ready(srv.url, timeout_s=START_TIMEOUT_S)
-            except TimeoutError as exc:
-                raise RuntimeError(f"{exc}\n{srv.logs()}") from exc
-            yield srv
-        finally:
-            stop_process_group(proc, grace_s=40)
+    with embedded_gateway(bundled_model_path, tmp_path_factory.mktemp("embedded")) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

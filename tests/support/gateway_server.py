@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -19,7 +19,12 @@ from tests.support.sglang_server import free_port
 
 
 @contextlib.contextmanager
-def serve_app(app: Any, *, startup_timeout_s: float = 30.0) -> Iterator[str]:
+def serve_app(
+    app: Any,
+    *,
+    startup_timeout_s: float = 30.0,
+    make_server: Callable[[uvicorn.Config], uvicorn.Server] = uvicorn.Server,
+) -> Iterator[str]:
     port = free_port()
     config = uvicorn.Config(
         app,
@@ -29,7 +34,7 @@ def serve_app(app: Any, *, startup_timeout_s: float = 30.0) -> Iterator[str]:
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
-    server = uvicorn.Server(config)
+    server = make_server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout_s

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.deps import EngineMonitorDep, SettingsDep
+from service.deps import DrainDep, EngineMonitorDep, SettingsDep
 from service.schemas import Liveness, Readiness
 
 router = APIRouter(tags=["health"])
@@ -16,12 +16,14 @@ async def live() -> Liveness:
 
 
 @router.get("/health/ready", responses={503: {"model": Readiness}})
-async def ready(monitor: EngineMonitorDep, settings: SettingsDep) -> JSONResponse:
-    """200 only while the engine can take requests (503 while it starts or restarts)."""
+async def ready(monitor: EngineMonitorDep, settings: SettingsDep, drain: DrainDep) -> JSONResponse:
+    """200 only while the engine can take requests (503 while it starts or restarts, and
+    while the gateway drains before shutting down)."""
+    ready = monitor.ready and not drain.active
     body = Readiness(
-        status="ready" if monitor.ready else "not_ready",
+        status="draining" if drain.active else "ready" if monitor.ready else "not_ready",
         engine_mode=settings.engine_mode,
         engine_state=monitor.state.value,
         engine_restarts=monitor.restarts,
     )
-    return JSONResponse(body.model_dump(), status_code=200 if monitor.ready else 503)
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
