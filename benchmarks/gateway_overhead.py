@@ -1,0 +1,690 @@
+"""What the gateway costs: the same chat requests sent to SGLang directly and through the
+gateway, side by side in one run.
+
+Issue target: gateway overhead p50 <= 2 ms, and throughput within 5% of calling SGLang
+directly.
+
+Set-up. One real SGLang engine (`--attention-backend raas`; by default the tiny
+random-weight Llama of tests/support/tiny_model.py, so that engine time is small and the
+gateway's share shows; `--model bundled` for SmolLM2-135M) and the real gateway
+(`raas-serve serve --engine-mode remote`) in its own process, as deployed: a gateway
+sharing the client's process would share its event loop and GIL, which neither
+production nor a fair comparison has. Both arms use one httpx client with keep-alive
+connections (lighter than the openai client, and the same for both arms; the client's
+cost cancels out of the difference).
+
+Equivalent work. The gateway turns `kv_policy` into `custom_params`, sets `rid` and, on
+streams, always asks the engine for the usage chunk. The direct arm sends exactly the
+body the gateway would send (built with the gateway's own `upstream_body`), so the
+engine does the same work in both arms. Requests are greedy with `ignore_eos`, so every
+answer has exactly `max_tokens` tokens; a short count is an error.
+
+- Latency: one request at a time, pairs alternating direct/gateway, the order flipped
+  on every pair (AB BA AB ...) so that drift and any order effect hit both arms alike.
+  Per-pair overhead = gateway - direct, for e2e and (streams) TTFT: the time until the
+  first chunk that carries content.
+- Throughput: closed loop at concurrency C for a fixed number of requests per block,
+  arms alternating by block (the first arm flipped every round); requests/s and output
+  tokens/s over all blocks of an arm, and the gateway/direct ratio.
+
+`--engine stub` replaces SGLang by benchmarks/stub_engine.py (canned answers, no model):
+the overhead then is the gateway's own cost without engine noise; its throughput ratio
+says nothing about the target.
+
+The CPU used by the gateway process and by anything outside the benchmark (other
+users of a shared machine) is recorded per phase. Prints a table with the ratios and
+whether each target is met; --out writes everything as JSON.
+
+Full run (about 5 minutes on 2 cores):
+  python benchmarks/gateway_overhead.py --out gateway_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.cpu_decode import (  # noqa: E402
+    cpu_jiffies,
+    log,
+    package_version,
+    terminate,
+    tree_jiffies,
+)
+from service.chat_request import upstream_body  # noqa: E402
+from service.kv_policy import PolicyLimits, resolve_request  # noqa: E402
+from service.schemas import ChatCompletionRequest  # noqa: E402
+from service.settings import Settings  # noqa: E402
+from tests.support.gateway_server import wait_ready  # noqa: E402
+from tests.support.sglang_server import (  # noqa: E402
+    descendants,
+    free_port,
+    sglang_server,
+    stop_process_group,
+    wait_healthy,
+)
+from tests.support.tiny_model import make_tiny_model  # noqa: E402
+
+MODEL_NAME = "bench"
+CHAT_PATH = "/v1/chat/completions"
+PROMPT = [{"role": "user", "content": "Name three colours and say why the sky is blue."}]
+ARMS = ("direct", "gateway")
+MODES = ("nonstream", "stream")
+QUANTILES = (50, 90, 99)
+TARGET_OVERHEAD_P50_MS = 2.0
+TARGET_THROUGHPUT_RATIO = 0.95
+# The gateway under cProfile with a CPU-time clock: on a shared machine a wall clock
+# charges other processes' time slices to whatever function was running. uvicorn returns
+# from main() on SIGTERM, so the stats get written.
+PROFILED_GATEWAY = """
+import cProfile, sys, time
+from service.cli import main
+profiler = cProfile.Profile(time.thread_time)
+profiler.enable()
+try:
+    main(sys.argv[2:])
+finally:
+    profiler.disable()
+    profiler.dump_stats(sys.argv[1])
+"""
+
+
+@dataclass(frozen=True)
+class Sample:
+    e2e_s: float
+    ttft_s: float | None
+    completion_tokens: int
+
+
+@dataclass
+class Endpoints:
+    """Where each arm sends its requests, and the body each arm sends."""
+
+    direct_url: str
+    gateway_url: str
+    kv_policy: dict[str, Any]
+    settings: Settings
+
+    def base(self, arm: str) -> str:
+        return self.direct_url if arm == "direct" else self.gateway_url
+
+    def url(self, arm: str) -> str:
+        return self.base(arm) + CHAT_PATH
+
+    def client_body(self, stream: bool, max_tokens: int) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "model": MODEL_NAME,
+            "messages": PROMPT,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "ignore_eos": True,
+            "stream": stream,
+            "kv_policy": self.kv_policy,
+        }
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    def bodies(self, stream: bool, max_tokens: int) -> dict[str, dict[str, Any]]:
+        """Per arm: the client's body to the gateway, and what the gateway sends SGLang."""
+        client = self.client_body(stream, max_tokens)
+        req = ChatCompletionRequest.model_validate(client)
+        policy = resolve_request(req.kv_policy, None, PolicyLimits.for_caller(self.settings, None))
+        direct = upstream_body(req, policy, "placeholder", self.settings)
+        return {"direct": direct, "gateway": client}
+
+
+def with_rid(arm: str, body: dict[str, Any]) -> dict[str, Any]:
+    # The gateway gives every request a fresh rid; the direct arm must too (SGLang
+    # rejects a rid that is still in flight).
+    if arm != "direct":
+        return body
+    return {**body, "rid": f"chatcmpl-{uuid.uuid4().hex}"}
+
+
+async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Sample:
+    start = time.perf_counter()
+    if not body.get("stream"):
+        resp = await client.post(url, json=body)
+        if resp.status_code != 200:
+            raise RuntimeError(f"{url} returned {resp.status_code}: {resp.text[:500]}")
+        data = resp.json()
+        return Sample(time.perf_counter() - start, None, int(data["usage"]["completion_tokens"]))
+    ttft: float | None = None
+    tokens = 0
+    async with client.stream("POST", url, json=body) as resp:
+        async for chunk in sse_chunks(resp, url):
+            if ttft is None and any(
+                (c.get("delta") or {}).get("content") for c in chunk.get("choices") or ()
+            ):
+                ttft = time.perf_counter() - start
+            usage = chunk.get("usage")
+            if isinstance(usage, dict) and usage.get("completion_tokens") is not None:
+                tokens = int(usage["completion_tokens"])
+    return Sample(time.perf_counter() - start, ttft, tokens)
+
+
+async def sse_chunks(resp: httpx.Response, url: str) -> AsyncIterator[dict[str, Any]]:
+    """The JSON events of an OpenAI-style SSE stream up to `[DONE]`; errors raise."""
+    if resp.status_code != 200:
+        text = (await resp.aread()).decode(errors="replace")
+        raise RuntimeError(f"{url} returned {resp.status_code}: {text[:500]}")
+    async for line in resp.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        chunk = json.loads(data)
+        if "error" in chunk:
+            raise RuntimeError(f"{url} stream error: {chunk['error']}")
+        yield chunk
+
+
+def check_tokens(arm: str, sample: Sample, expected: int) -> None:
+    if sample.completion_tokens != expected:
+        raise RuntimeError(
+            f"{arm}: expected {expected} completion tokens (ignore_eos), "
+            f"got {sample.completion_tokens}"
+        )
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not values:
+        raise ValueError("expected at least one value, got none")
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def quantiles_ms(values: Sequence[float]) -> dict[str, float]:
+    stats = {f"p{q}": 1000 * percentile(values, q) for q in QUANTILES}
+    stats["mean"] = 1000 * sum(values) / len(values)
+    return stats
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds of the gateway process and of everything outside the benchmark."""
+
+    gateway_pid: int
+    engine_pid: int
+    start_wall: float = 0.0
+    start_busy: int = 0
+    start_gateway: int = 0
+    start_ours: int = 0
+
+    def _gateway(self) -> int:
+        return tree_jiffies(descendants(self.gateway_pid) | {self.gateway_pid})
+
+    def _ours(self) -> int:
+        pids = {self.engine_pid, self.gateway_pid, os.getpid()}
+        pids |= descendants(self.engine_pid) | descendants(self.gateway_pid)
+        return tree_jiffies(pids)
+
+    def start(self) -> CpuMeter:
+        self.start_wall = time.perf_counter()
+        self.start_busy = cpu_jiffies()[0]
+        self.start_gateway = self._gateway()
+        self.start_ours = self._ours()
+        return self
+
+    def read(self) -> dict[str, float]:
+        hz = os.sysconf("SC_CLK_TCK")
+        wall = time.perf_counter() - self.start_wall
+        foreign = (cpu_jiffies()[0] - self.start_busy) - (self._ours() - self.start_ours)
+        return {
+            "gateway_cpu_s": (self._gateway() - self.start_gateway) / hz,
+            "foreign_cpu_cores": max(0.0, foreign / hz / wall) if wall > 0 else 0.0,
+        }
+
+
+async def latency_mode(
+    ends: Endpoints, stream: bool, pairs: int, max_tokens: int, warmup: int
+) -> dict[str, Any]:
+    bodies = ends.bodies(stream, max_tokens)
+    samples: dict[str, list[Sample]] = {arm: [] for arm in ARMS}
+    async with httpx.AsyncClient(timeout=120, trust_env=False) as client:
+        for i in range(warmup + pairs):
+            order = ARMS if i % 2 == 0 else ARMS[::-1]
+            for arm in order:
+                sample = await send(client, ends.url(arm), with_rid(arm, bodies[arm]))
+                check_tokens(arm, sample, max_tokens)
+                if i >= warmup:
+                    samples[arm].append(sample)
+    direct, gateway = samples["direct"], samples["gateway"]
+    result: dict[str, Any] = {
+        "pairs": pairs,
+        "max_tokens": max_tokens,
+        "e2e_ms": {arm: quantiles_ms([s.e2e_s for s in samples[arm]]) for arm in ARMS},
+        "overhead_e2e_ms": quantiles_ms(
+            [g.e2e_s - d.e2e_s for d, g in zip(direct, gateway, strict=True)]
+        ),
+    }
+    if stream:
+        ttft = {arm: [s.ttft_s for s in samples[arm]] for arm in ARMS}
+        if any(t is None for arm in ARMS for t in ttft[arm]):
+            raise RuntimeError("a stream carried no content chunk: TTFT undefined")
+        result["ttft_ms"] = {arm: quantiles_ms(ttft[arm]) for arm in ARMS}  # type: ignore[arg-type]
+        result["overhead_ttft_ms"] = quantiles_ms(
+            [g - d for d, g in zip(ttft["direct"], ttft["gateway"], strict=True)]  # type: ignore[operator]
+        )
+    return result
+
+
+@dataclass
+class Block:
+    arm: str
+    wall_s: float
+    requests: int
+    output_tokens: int
+    gateway_cpu_s: float
+    foreign_cpu_cores: float
+
+
+async def closed_loop(
+    ends: Endpoints, arm: str, body: dict[str, Any], concurrency: int, requests: int
+) -> tuple[float, int]:
+    remaining = requests
+    tokens = 0
+    expected = int(body.get("max_tokens") or 0)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits, trust_env=False) as client:
+        # Open the connections before the clock starts, as a long-running client has them.
+        await asyncio.gather(
+            *(client.get(ends.base(arm) + "/v1/models") for _ in range(concurrency))
+        )
+
+        async def worker() -> None:
+            nonlocal remaining, tokens
+            while remaining > 0:
+                remaining -= 1
+                sample = await send(client, ends.url(arm), with_rid(arm, body))
+                check_tokens(arm, sample, expected)
+                tokens += sample.completion_tokens
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - start, tokens
+
+
+async def throughput_level(
+    ends: Endpoints,
+    meter_for: Callable[[], CpuMeter],
+    stream: bool,
+    concurrency: int,
+    requests: int,
+    rounds: int,
+    max_tokens: int,
+) -> dict[str, Any]:
+    bodies = ends.bodies(stream, max_tokens)
+    for arm in ARMS:  # warm-up: batch shapes, connection pools, JIT paths
+        await closed_loop(ends, arm, bodies[arm], concurrency, concurrency)
+    blocks: list[Block] = []
+    for r in range(rounds):
+        for arm in ARMS if r % 2 == 0 else ARMS[::-1]:
+            meter = meter_for().start()
+            wall, tokens = await closed_loop(ends, arm, bodies[arm], concurrency, requests)
+            cpu = meter.read()
+            blocks.append(Block(arm, wall, requests, tokens, **cpu))
+    per_arm: dict[str, dict[str, float]] = {}
+    for arm in ARMS:
+        mine = [b for b in blocks if b.arm == arm]
+        wall = sum(b.wall_s for b in mine)
+        reqs = sum(b.requests for b in mine)
+        per_arm[arm] = {
+            "requests_per_s": reqs / wall,
+            "output_tokens_per_s": sum(b.output_tokens for b in mine) / wall,
+            "gateway_cpu_ms_per_request": 1000 * sum(b.gateway_cpu_s for b in mine) / reqs,
+            "foreign_cpu_cores": sum(b.foreign_cpu_cores * b.wall_s for b in mine) / wall,
+        }
+    return {
+        "concurrency": concurrency,
+        "requests_per_block": requests,
+        "rounds": rounds,
+        "max_tokens": max_tokens,
+        "arms": per_arm,
+        "ratio_requests_per_s": per_arm["gateway"]["requests_per_s"]
+        / per_arm["direct"]["requests_per_s"],
+        "ratio_output_tokens_per_s": per_arm["gateway"]["output_tokens_per_s"]
+        / per_arm["direct"]["output_tokens_per_s"],
+        "blocks": [asdict(b) for b in blocks],
+    }
+
+
+@dataclass(frozen=True)
+class Engine:
+    url: str
+    pid: int
+    model: Path  # what the gateway reads config.json from
+
+
+@contextlib.contextmanager
+def engine_server(kind: str, model: str, bundled: Path, workdir: Path) -> Iterator[Engine]:
+    """SGLang (holding the heavy-process lock, as every engine start does), or the stub."""
+    if kind == "stub":
+        port = free_port()
+        cmd = [sys.executable, "-m", "uvicorn", "benchmarks.stub_engine:app"]
+        cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_healthy(url, proc, timeout=60)
+            yield Engine(url, proc.pid, bundled)
+        finally:
+            stop_process_group(proc)
+        return
+    extra = ["--served-model-name", MODEL_NAME]
+    path = bundled
+    if model == "tiny":
+        path = make_tiny_model(bundled, workdir / "tiny")
+        extra += ["--load-format", "dummy"]
+    with sglang_server(
+        str(path), dtype="float32", attention_backend="raas", extra_args=tuple(extra)
+    ) as srv:
+        yield Engine(srv.url, srv.process.pid, path)
+
+
+@contextlib.contextmanager
+def gateway_process(
+    engine_url: str, model_path: Path, workdir: Path, profile: Path | None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    cmd = [sys.executable]
+    if profile is None:
+        cmd += ["-m", "service.cli"]
+    else:
+        cmd += ["-c", PROFILED_GATEWAY, str(profile)]
+    cmd += ["serve", "--engine-mode", "remote", "--engine-url", engine_url]
+    cmd += ["--port", str(port), "--model-name", MODEL_NAME, "--model-path", str(model_path)]
+    env = {**os.environ, "RAAS_ENGINE_DTYPE": "float32"}
+    log_path = workdir / "gateway.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_ready(url, timeout_s=60)
+        except TimeoutError as exc:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{exc}\n--- gateway log ---\n{tail}") from exc
+        yield url, proc
+    finally:
+        stop_process_group(proc, grace_s=20)
+
+
+def profile_shares(path: Path, top: int = 15) -> list[dict[str, Any]]:
+    """The gateway's CPU time by where the code runs: a package, the gateway's own
+    modules or the standard library, from the cProfile stats."""
+    import pstats
+
+    by_place: dict[str, float] = {}
+    for (filename, _, func), (_, _, own_s, _, _) in pstats.Stats(str(path)).stats.items():
+        if "site-packages/" in filename:
+            place = filename.split("site-packages/", 1)[1].split("/", 1)[0]
+        elif f"{os.sep}service{os.sep}" in filename:
+            place = "service (the gateway's own code)"
+        elif filename.startswith(("~", "<")):
+            place = f"builtin {func}"
+        else:
+            place = "stdlib " + "/".join(Path(filename).parts[-2:])
+        by_place[place] = by_place.get(place, 0.0) + own_s
+    total = sum(by_place.values())
+    ranked = sorted(by_place.items(), key=lambda item: -item[1])[:top]
+    return [{"where": k, "cpu_s": round(v, 3), "share": round(v / total, 4)} for k, v in ranked]
+
+
+def targets(latency: dict[str, Any], throughput: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for mode, res in latency.items():
+        value = res["overhead_e2e_ms"]["p50"]
+        rows.append(
+            {
+                "target": f"gateway overhead p50 <= {TARGET_OVERHEAD_P50_MS:g} ms ({mode} e2e)",
+                "measured": round(value, 3),
+                "met": value <= TARGET_OVERHEAD_P50_MS,
+            }
+        )
+        if "overhead_ttft_ms" in res:
+            value = res["overhead_ttft_ms"]["p50"]
+            rows.append(
+                {
+                    "target": f"gateway overhead p50 <= {TARGET_OVERHEAD_P50_MS:g} ms "
+                    f"({mode} TTFT)",
+                    "measured": round(value, 3),
+                    "met": value <= TARGET_OVERHEAD_P50_MS,
+                }
+            )
+    for level in throughput:
+        ratio = level["ratio_output_tokens_per_s"]
+        rows.append(
+            {
+                "target": f"throughput gateway/direct >= {TARGET_THROUGHPUT_RATIO:g} "
+                f"({level['mode']}, C={level['concurrency']})",
+                "measured": round(ratio, 4),
+                "met": ratio >= TARGET_THROUGHPUT_RATIO,
+            }
+        )
+    return rows
+
+
+def print_report(result: dict[str, Any]) -> None:
+    print("\nLatency (ms; one request at a time, pairs alternating direct/gateway)")
+    print(f"{'mode':<10} {'metric':<6} {'arm':<9} {'p50':>8} {'p90':>8} {'p99':>8} {'mean':>8}")
+    for mode, res in result["latency"].items():
+        for metric in ("e2e", "ttft"):
+            if f"{metric}_ms" not in res:
+                continue
+            rows = {**res[f"{metric}_ms"], "overhead": res[f"overhead_{metric}_ms"]}
+            for arm, q in rows.items():
+                print(
+                    f"{mode:<10} {metric:<6} {arm:<9} {q['p50']:>8.2f} {q['p90']:>8.2f} "
+                    f"{q['p99']:>8.2f} {q['mean']:>8.2f}"
+                )
+    print("\nThroughput (closed loop; arms alternating by block)")
+    print(
+        f"{'mode':<10} {'C':>3} {'direct req/s':>12} {'gw req/s':>9} {'direct tok/s':>12} "
+        f"{'gw tok/s':>9} {'gw/direct':>9} {'gw CPU ms/req':>13} {'foreign cores':>13}"
+    )
+    for lvl in result["throughput"]:
+        d, g = lvl["arms"]["direct"], lvl["arms"]["gateway"]
+        print(
+            f"{lvl['mode']:<10} {lvl['concurrency']:>3} {d['requests_per_s']:>12.1f} "
+            f"{g['requests_per_s']:>9.1f} {d['output_tokens_per_s']:>12.0f} "
+            f"{g['output_tokens_per_s']:>9.0f} {lvl['ratio_output_tokens_per_s']:>9.3f} "
+            f"{g['gateway_cpu_ms_per_request']:>13.2f} "
+            f"{max(d['foreign_cpu_cores'], g['foreign_cpu_cores']):>13.2f}"
+        )
+    if result.get("gateway_profile"):
+        print("\nGateway CPU by place (cProfile, own time; start-up included)")
+        for row in result["gateway_profile"]:
+            print(f"  {100 * row['share']:5.1f}%  {row['where']}")
+    print("\nTargets")
+    for row in result["targets"]:
+        print(f"  {'MET   ' if row['met'] else 'MISSED'} {row['target']}: {row['measured']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Gateway overhead against calling SGLang directly, side by side.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument(
+        "--model",
+        choices=["tiny", "bundled"],
+        default="tiny",
+        help="tiny: random-weight 2-layer Llama (engine time small); bundled: SmolLM2-135M",
+    )
+    parser.add_argument("--model-path", help="bundled model directory (default: convert it)")
+    parser.add_argument(
+        "--engine",
+        choices=["sglang", "stub"],
+        default="sglang",
+        help="stub: canned answers instead of a model, to see the gateway's cost alone "
+        "(throughput against it means nothing for the target)",
+    )
+    parser.add_argument("--pairs", type=int, default=200, help="latency pairs per mode")
+    parser.add_argument("--latency-max-tokens", type=int, default=8)
+    parser.add_argument("--warmup-pairs", type=int, default=10)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--requests", type=int, default=256, help="requests per block")
+    parser.add_argument("--rounds", type=int, default=3, help="blocks per arm and level")
+    parser.add_argument("--throughput-max-tokens", type=int, default=32)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--budget-tokens", type=int, default=2048, help="kv_policy budget")
+    parser.add_argument(
+        "--gateway-profile", type=Path, help="run the gateway under cProfile (CPU time), stats here"
+    )
+    return parser
+
+
+@dataclass
+class Results:
+    """Filled phase by phase; `save` rewrites --out after each, so a killed run keeps
+    what it measured."""
+
+    header: dict[str, Any]
+    out: Path | None
+    latency: dict[str, Any] = field(default_factory=dict)
+    latency_cpu: dict[str, Any] = field(default_factory=dict)
+    throughput: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self, complete: bool) -> dict[str, Any]:
+        return {
+            **self.header,
+            "complete": complete,
+            "latency": self.latency,
+            "latency_cpu": self.latency_cpu,
+            "throughput": self.throughput,
+            "targets": targets(self.latency, self.throughput),
+        }
+
+    def save(self, complete: bool = False) -> dict[str, Any]:
+        result = self.as_dict(complete)
+        if self.out is not None:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.out.with_name(self.out.name + ".tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            tmp.replace(self.out)
+        return result
+
+
+async def run_phases(
+    args: argparse.Namespace,
+    ends: Endpoints,
+    meter_for: Callable[[], CpuMeter],
+    results: Results,
+) -> None:
+    latency, cpu, throughput = results.latency, results.latency_cpu, results.throughput
+    for mode in args.modes:
+        log(f"latency: {mode}, {args.pairs} pairs")
+        meter = meter_for().start()
+        latency[mode] = await latency_mode(
+            ends, mode == "stream", args.pairs, args.latency_max_tokens, args.warmup_pairs
+        )
+        cpu[f"latency_{mode}"] = meter.read()
+        results.save()
+    for mode in args.modes:
+        for conc in args.concurrency:
+            log(f"throughput: {mode}, concurrency {conc}")
+            level = await throughput_level(
+                ends,
+                meter_for,
+                mode == "stream",
+                conc,
+                args.requests,
+                args.rounds,
+                args.throughput_max_tokens,
+            )
+            throughput.append({"mode": mode, **level})
+            results.save()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = dt.datetime.now(dt.UTC)
+    with tempfile.TemporaryDirectory(prefix="gateway-overhead-") as tmp:
+        workdir = Path(tmp)
+        if args.model_path is None:
+            from service.bundled_model import prepare_model
+
+            args.model_path = str(prepare_model().path)
+        settings = Settings(model_name=MODEL_NAME, engine_mode="remote")
+        kv = {"name": "raas", "budget_tokens": args.budget_tokens, "alpha": 0.1}
+        header = {
+            "benchmark": "gateway_overhead",
+            "started_utc": started.isoformat(timespec="seconds"),
+            "argv": list(sys.argv[1:] if argv is None else argv),
+            "environment": {
+                "python": platform.python_version(),
+                "cpu_count": os.cpu_count(),
+                "machine": platform.machine(),
+                **{
+                    name: package_version(name)
+                    for name in ("sglang", "torch", "fastapi", "uvicorn", "uvloop", "httpx")
+                },
+            },
+            "config": {
+                "engine": args.engine,
+                "model": args.model if args.engine == "sglang" else None,
+                "prompt": PROMPT,
+                "kv_policy": kv,
+                "gateway": "separate process (raas-serve serve, remote mode, log level info)",
+                "gateway_profiled": args.gateway_profile is not None,
+            },
+        }
+        results = Results(header, args.out)
+        log(f"starting the engine ({args.engine}, {args.model} model) and the gateway")
+        with (
+            engine_server(args.engine, args.model, Path(args.model_path), workdir) as engine,
+            gateway_process(engine.url, engine.model, workdir, args.gateway_profile) as (gw, proc),
+        ):
+            ends = Endpoints(engine.url, gw, kv, settings)
+
+            def meter_for() -> CpuMeter:
+                return CpuMeter(proc.pid, engine.pid)
+
+            asyncio.run(run_phases(args, ends, meter_for, results))
+    results.header["wall_s"] = round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1)
+    if args.gateway_profile is not None:
+        results.header["gateway_profile"] = profile_shares(args.gateway_profile)
+    print_report(results.save(complete=True))
+    if args.out is not None:
+        print(f"\nresults written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, terminate)
+    raise SystemExit(main())

@@ -1,0 +1,91 @@
+"""A stand-in for SGLang's `/v1/chat/completions` that answers at once with canned tokens.
+
+For `gateway_overhead.py --engine stub`: with no model behind it, the difference between
+the arms is the gateway's own cost, free of engine noise (and it needs no heavy-process
+lock). It honours `max_tokens`, `stream` and `stream_options.include_usage`; everything
+else in the request is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+PROMPT_TOKENS = 30
+TOKEN = "word "
+
+
+def usage(completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": PROMPT_TOKENS,
+        "completion_tokens": completion_tokens,
+        "total_tokens": PROMPT_TOKENS + completion_tokens,
+    }
+
+
+def chunk(rid: str, created: int, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+    body = {
+        "id": rid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": "stub",
+        "choices": choices,
+        **extra,
+    }
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+async def chat(request: Request) -> Response:
+    body = await request.json()
+    n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
+    rid = str(body.get("rid") or "stub")
+    created = int(time.time())
+    if not body.get("stream"):
+        message = {"role": "assistant", "content": TOKEN * n}
+        choice = {"index": 0, "message": message, "finish_reason": "length"}
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": "stub",
+                "choices": [choice],
+                "usage": usage(n),
+            }
+        )
+    with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+
+    async def events() -> AsyncIterator[bytes]:
+        for _ in range(n):
+            delta = {"index": 0, "delta": {"content": TOKEN}, "finish_reason": None}
+            yield chunk(rid, created, [delta])
+        if with_usage:
+            yield chunk(rid, created, [], usage=usage(n))
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def healthy(_: Request) -> Response:
+    return Response(status_code=200)
+
+
+async def models(_: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [{"id": "stub", "object": "model"}]})
+
+
+app = Starlette(
+    routes=[
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/models", models),
+        Route("/health", healthy),
+        Route("/health_generate", healthy),
+    ]
+)

@@ -1,0 +1,110 @@
+"""The gateway overhead benchmark end to end at toy sizes: it runs and writes well-formed
+results.
+
+The real gateway runs in its own process as in the full run; the engine is the stub
+(benchmarks/stub_engine.py), so the test needs no SGLang start and takes seconds. The
+SGLang path differs only in which server `engine_server` starts.
+
+No timing assertions: figures from a handful of requests on a shared 2-core machine mean
+nothing; only their presence and shape are checked (the targets are judged by the full
+run recorded in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from typing import Any
+
+import pytest
+
+from tests.support.bench_script import finite, load_benchmark, positive
+
+CONCURRENCY = 2
+REQUESTS = 6
+MODES = ("nonstream", "stream")
+ARMS = ("direct", "gateway")
+
+
+def assert_quantiles(q: dict[str, Any], *, signed: bool = False) -> None:
+    assert set(q) == {"p50", "p90", "p99", "mean"}
+    check = finite if signed else positive
+    assert all(check(v) for v in q.values()), q
+    assert q["p50"] <= q["p90"] <= q["p99"]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory, bundled_model_path) -> tuple[dict[str, Any], str]:
+    # The bundled model directory only feeds the gateway's config.json read.
+    out = tmp_path_factory.mktemp("bench") / "gateway_overhead.json"
+    bench = load_benchmark("gateway_overhead")
+    argv = [
+        "--out",
+        str(out),
+        "--model-path",
+        str(bundled_model_path),
+        "--pairs",
+        "4",
+        "--warmup-pairs",
+        "1",
+        "--concurrency",
+        str(CONCURRENCY),
+        "--requests",
+        str(REQUESTS),
+        "--engine",
+        "stub",
+        "--rounds",
+        "1",
+    ]
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        assert bench.main(argv) == 0
+    return json.loads(out.read_text()), table.getvalue()
+
+
+def test_latency_has_both_arms_and_the_overhead(results):
+    data, _ = results
+    assert data["complete"] is True
+    assert data["config"]["engine"] == "stub"
+    assert data["environment"]["sglang"] and data["environment"]["fastapi"]
+    assert set(data["latency"]) == set(MODES)
+    for mode, res in data["latency"].items():
+        assert res["pairs"] == 4
+        for arm in ARMS:
+            assert_quantiles(res["e2e_ms"][arm])
+        assert_quantiles(res["overhead_e2e_ms"], signed=True)
+        if mode == "stream":
+            for arm in ARMS:
+                assert_quantiles(res["ttft_ms"][arm])
+            assert_quantiles(res["overhead_ttft_ms"], signed=True)
+        else:
+            assert "ttft_ms" not in res
+
+
+def test_throughput_blocks_and_ratios(results):
+    data, _ = results
+    assert [(lvl["mode"], lvl["concurrency"]) for lvl in data["throughput"]] == [
+        (mode, CONCURRENCY) for mode in MODES
+    ]
+    for lvl in data["throughput"]:
+        assert sorted(b["arm"] for b in lvl["blocks"]) == sorted(ARMS)
+        for block in lvl["blocks"]:
+            assert block["requests"] == REQUESTS
+            assert block["output_tokens"] == REQUESTS * lvl["max_tokens"]
+            assert positive(block["wall_s"]) and block["foreign_cpu_cores"] >= 0
+        for arm in ARMS:
+            assert positive(lvl["arms"][arm]["requests_per_s"])
+            assert positive(lvl["arms"][arm]["output_tokens_per_s"])
+        # The gateway process serves the gateway blocks, and only they cost it real CPU.
+        assert positive(lvl["arms"]["gateway"]["gateway_cpu_ms_per_request"])
+        assert positive(lvl["ratio_requests_per_s"]) and positive(lvl["ratio_output_tokens_per_s"])
+
+
+def test_targets_are_judged_and_printed(results):
+    data, table = results
+    assert len(data["targets"]) == 3 + len(data["throughput"])
+    for row in data["targets"]:
+        assert isinstance(row["met"], bool) and finite(row["measured"])
+        assert row["target"] in table
+    assert "gw/direct" in table
