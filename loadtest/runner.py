@@ -43,7 +43,10 @@ async def run_load(config: LoadConfig, progress: ProgressSink | None = None) -> 
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
     records: list[RequestRecord] = []
     timeout = httpx.Timeout(config.request_timeout_s, connect=10.0)
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=config.concurrency)
+    # A fresh connection per request, as bench_serving does (a session per request): a
+    # pooled keep-alive connection that the server closes just as it is reused would fail
+    # a request that the server never saw.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
 
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
