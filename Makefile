@@ -7,7 +7,7 @@ STAMP := $(VENV)/.raas-installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: install prepare-model serve test test-fast loadtest lint format bench-cpu clean
+.PHONY: install prepare-model serve test test-fast soak loadtest lint format bench-cpu clean
 
 install: $(STAMP)
 
@@ -48,6 +48,12 @@ test: prepare-model
 
 test-fast: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not engine" $(PYTEST_ARGS)
+
+# The long soak of docs/reliability.md (`make test` runs the same test with 500 requests).
+SOAK_REQUESTS ?= 3000
+soak: prepare-model
+	RAAS_SOAK_REQUESTS=$(SOAK_REQUESTS) PATH="$(abspath $(BIN)):$$PATH" \
+		$(BIN)/python -m pytest -s --timeout 3600 tests/test_reliability_engine.py -k soak $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
