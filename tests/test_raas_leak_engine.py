@@ -16,8 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.sglang_server import sglang_server
-from tests.support.tiny_model import make_tiny_model
+from tests.support.tiny_model import tiny_engine
 from tests.test_raas_engine import metric
 
 pytestmark = pytest.mark.engine
@@ -25,13 +24,10 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def tiny_server(bundled_model_path, tmp_path_factory):
-    model = make_tiny_model(Path(bundled_model_path), tmp_path_factory.mktemp("tiny"))
-    with sglang_server(
-        str(model),
-        dtype="float32",
-        attention_backend="raas",
+    with tiny_engine(
+        Path(bundled_model_path),
+        tmp_path_factory.mktemp("tiny"),
         max_total_tokens=4096,
-        extra_args=("--load-format", "dummy"),
         env={
             "SGLANG_CHECK_KV_PAGE_INVARIANTS": "1",
             "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_BUSY": "1",

@@ -3,7 +3,8 @@
 SGLang calls `register()` in the launcher, the engine and every scheduler process. It
 lets SGLang run on the CPU without sgl-kernel, registers `--attention-backend raas`
 (the backend class is imported lazily, inside the factory), installs the scheduler
-hooks that evict and free slots, validates `custom_params.kv_policy` where SGLang
+hooks that evict and free slots, sizes admission by each request's bounded KV
+(admission.py), validates `custom_params.kv_policy` where SGLang
 validates sampling parameters, so a bad value is a 400 and never a crashed scheduler, and
 reports each finished request's KV statistics (`meta_info["raas_kv_cache"]`, OpenAI
 `usage.kv_cache`; see usage_report.py).
@@ -25,7 +26,12 @@ def register() -> None:
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    from raas_backend.sglang_plugin import request_validation, scheduler_hooks, usage_report
+    from raas_backend.sglang_plugin import (
+        admission,
+        request_validation,
+        scheduler_hooks,
+        usage_report,
+    )
     from raas_backend.sglang_plugin.cpu_support import enable_cpu_execution
 
     enable_cpu_execution()
@@ -52,6 +58,16 @@ def register() -> None:
         scheduler_hooks.around_kv_private_tokens,
         HookType.AROUND,
     )
+    if admission.admission_enabled():
+        adder = "sglang.srt.managers.schedule_policy.PrefillAdder"
+        HookRegistry.register(f"{adder}.__init__", admission.around_adder_init, HookType.AROUND)
+        for method in ("add_one_req", "add_chunked_req", "preempt_to_schedule"):
+            HookRegistry.register(f"{adder}.{method}", admission.around_adder_add, HookType.AROUND)
+        HookRegistry.register(
+            "sglang.srt.managers.scheduler.Scheduler.init_req_max_new_tokens",
+            admission.around_init_req_max_new_tokens,
+            HookType.AROUND,
+        )
     HookRegistry.register(
         "sglang.srt.sampling.sampling_params.SamplingParams.verify",
         request_validation.after_verify,

@@ -35,6 +35,11 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def heavy_process_lock() -> Iterator[None]:
+    if os.environ.get("RAAS_HEAVY_LOCK", "1") == "0":
+        # For a run under `nice` that measures engine CPU time, not wall time: it only
+        # takes idle cycles, so it need not wait for (or hold up) other engines.
+        yield
+        return
     LOCK_PATH.touch(exist_ok=True)
     with LOCK_PATH.open("r+") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

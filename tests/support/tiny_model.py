@@ -6,9 +6,14 @@ is real.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from tests.support.sglang_server import RunningServer, sglang_server
 
 TINY_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -38,3 +43,17 @@ def make_tiny_model(bundled: Path, out: Path) -> Path:
         if (bundled / name).exists():
             shutil.copy(bundled / name, out / name)
     return out
+
+
+@contextlib.contextmanager
+def tiny_engine(bundled: Path, workdir: Path, **options: Any) -> Iterator[RunningServer]:
+    """A real SGLang server (raas backend, fp32) on the tiny model, for the block."""
+    model = make_tiny_model(bundled, workdir)
+    with sglang_server(
+        str(model),
+        dtype="float32",
+        attention_backend="raas",
+        extra_args=("--load-format", "dummy"),
+        **options,
+    ) as srv:
+        yield srv
