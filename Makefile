@@ -7,7 +7,7 @@ STAMP := $(VENV)/.raas-installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: install prepare-model serve test test-fast soak loadtest lint format bench-cpu clean
+.PHONY: install prepare-model serve test test-fast soak loadtest lint format bench-cpu fidelity clean
 
 install: $(STAMP)
 
@@ -48,6 +48,12 @@ test: prepare-model
 
 test-fast: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not engine" $(PYTEST_ARGS)
+
+# The fidelity study (docs/fidelity.md, plots in docs/fidelity/) on 2 cores; past the time
+# limit it skips its remaining batches and says so in the report.
+FIDELITY_TIME_LIMIT_MIN ?= 35
+fidelity: prepare-model
+	$(BIN)/python -m eval.study --time-limit-min $(FIDELITY_TIME_LIMIT_MIN)
 
 # The long soak of docs/reliability.md (`make test` runs the same test with 500 requests).
 SOAK_REQUESTS ?= 3000

@@ -14,6 +14,7 @@ AGGREGATIONS = ("max", "mean")
 DEFAULT_ALPHA = 0.1
 DEFAULT_HEAD_AGG: Aggregation = "max"
 DEFAULT_LAYER_AGG: Aggregation = "max"
+DEFAULT_REFRESH_TOP_FRACTION = 0.0
 MIN_BUDGET_PAGES = 2
 
 
@@ -58,7 +59,7 @@ class KVPolicyConfig:
     alpha: float = DEFAULT_ALPHA
     head_agg: Aggregation = DEFAULT_HEAD_AGG
     layer_agg: Aggregation = DEFAULT_LAYER_AGG
-    refresh_top_fraction: float = 0.0
+    refresh_top_fraction: float = DEFAULT_REFRESH_TOP_FRACTION
     recent_tokens: int = 64
     page_size: int = 16
 
