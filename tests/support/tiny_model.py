@@ -46,14 +46,16 @@ def make_tiny_model(bundled: Path, out: Path) -> Path:
 
 
 @contextlib.contextmanager
-def tiny_engine(bundled: Path, workdir: Path, **options: Any) -> Iterator[RunningServer]:
-    """A real SGLang server (raas backend, fp32) on the tiny model, for the block."""
+def tiny_engine(
+    bundled: Path, workdir: Path, extra_args: tuple[str, ...] = (), **options: Any
+) -> Iterator[RunningServer]:
+    """A real SGLang server (raas backend, fp32) on the tiny model in `workdir`."""
     model = make_tiny_model(bundled, workdir)
     with sglang_server(
         str(model),
         dtype="float32",
         attention_backend="raas",
-        extra_args=("--load-format", "dummy"),
+        extra_args=("--load-format", "dummy", *extra_args),
         **options,
     ) as srv:
         yield srv
