@@ -61,6 +61,12 @@ soak: prepare-model
 	RAAS_SOAK_REQUESTS=$(SOAK_REQUESTS) PATH="$(abspath $(BIN)):$$PATH" \
 		$(BIN)/python -m pytest -s --timeout 3600 tests/test_reliability_engine.py -k soak $(PYTEST_ARGS)
 
+# The CPU decode benchmark of docs/benchmarks.md at the issue's full scale (hours on 2
+# cores); BENCH_CPU_ARGS overrides it (e.g. --max-len 2048 1024 for a shorter run).
+BENCH_CPU_ARGS ?= --concurrency 1 8 --max-len 8192 --budgets 512 1024
+bench-cpu: prepare-model
+	$(BIN)/python benchmarks/cpu_decode.py $(BENCH_CPU_ARGS) --out docs/results/cpu_decode.json
+
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
