@@ -28,12 +28,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from raas_backend.policies import POLICIES, KVPolicyConfig, PolicyConfigError
-from raas_backend.sglang_plugin.runtime import (
-    RaasRuntime,
-    current_runtime,
-    parse_custom_params,
-)
+from raas_backend.policies import POLICIES, KVPolicyConfig
+from raas_backend.sglang_plugin.runtime import RaasRuntime, current_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +52,7 @@ def growth_headroom(remaining_new_tokens: int, held_decode_tokens: int, cap: int
 
 
 def _config_of(runtime: RaasRuntime, req: Any) -> KVPolicyConfig:
-    try:
-        return parse_custom_params(req.sampling_params.custom_params, runtime.defaults)
-    except PolicyConfigError:
-        # Validated at the HTTP edge; the decode path falls back to the defaults too.
-        return runtime.defaults
+    return runtime.effective_config(req.sampling_params.custom_params)
 
 
 def _held_decode_tokens(runtime: RaasRuntime, req: Any) -> int:

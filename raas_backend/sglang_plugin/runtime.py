@@ -71,18 +71,24 @@ class RaasRuntime:
     #: Stats of finished requests, by rid, until the output path collects them.
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def effective_config(self, custom_params: Any, rid: str | None = None) -> KVPolicyConfig:
+        """The request's policy; the defaults if its kv_policy is invalid (requests are
+        validated at the HTTP edge: never let one crash the scheduler)."""
+        try:
+            return parse_custom_params(custom_params, self.defaults)
+        except PolicyConfigError as exc:
+            if rid is not None:
+                logger.error(
+                    "raas: request %s has an invalid kv_policy (%s); using defaults", rid, exc
+                )
+            return self.defaults
+
     def track(self, row: int, rid: str, custom_params: Any, kv_len: int) -> RequestKV:
         """The state of the request in `row`, created at its first decode step."""
         tracked = self.requests.get(row)
         if tracked is not None and tracked.rid == rid:
             return tracked.kv
-        try:
-            config = parse_custom_params(custom_params, self.defaults)
-        except PolicyConfigError as exc:
-            # Requests are validated at the HTTP edge; never let one crash the scheduler.
-            logger.error("raas: request %s has an invalid kv_policy (%s); using defaults", rid, exc)
-            config = self.defaults
-        kv = RequestKV(config, prompt_len=kv_len)
+        kv = RequestKV(self.effective_config(custom_params, rid), prompt_len=kv_len)
         self.requests[row] = Tracked(rid, kv)
         return kv
 
@@ -106,11 +112,7 @@ class RaasRuntime:
     def prompt_only_stats(self, custom_params: Any, prompt_len: int) -> dict[str, Any]:
         """Stats of a request that finished before its first decode step (only its
         prompt was ever held), under its effective policy."""
-        try:
-            config = parse_custom_params(custom_params, self.defaults)
-        except PolicyConfigError:
-            config = self.defaults
-        return RequestKV(config, prompt_len=prompt_len).stats()
+        return RequestKV(self.effective_config(custom_params), prompt_len=prompt_len).stats()
 
     def evicted_positions(self, row: int) -> int:
         kv = self.get(row)
