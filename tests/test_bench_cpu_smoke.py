@@ -6,15 +6,12 @@ nothing; only their presence and sign are checked.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import math
 from typing import Any
 
 import pytest
 
-from tests.support.bench_script import load_benchmark, positive
+from tests.support.bench_script import load_benchmark, positive, run_benchmark
 
 pytestmark = pytest.mark.engine
 
@@ -28,10 +25,7 @@ ARMS = {"dense", "raas_nobudget", f"raas_{BUDGET}"}
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, bundled_model_path) -> tuple[dict[str, Any], str]:
     out = tmp_path_factory.mktemp("bench") / "cpu_decode.json"
-    bench = load_benchmark("cpu_decode")
     argv = [
-        "--out",
-        str(out),
         "--model-path",
         str(bundled_model_path),
         "--max-len",
@@ -46,10 +40,7 @@ def results(tmp_path_factory, bundled_model_path) -> tuple[dict[str, Any], str]:
         "--quiet-wait-s",
         "0",
     ]
-    table = io.StringIO()
-    with contextlib.redirect_stdout(table):
-        assert bench.main(argv) == 0
-    return json.loads(out.read_text()), table.getvalue()
+    return run_benchmark("cpu_decode", out, argv)
 
 
 def test_help_runs_without_an_engine(capsys):

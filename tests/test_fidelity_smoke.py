@@ -147,9 +147,7 @@ def test_corpus_is_non_degenerate_and_reproducible(corpus, bundled_model_path):
     from transformers import AutoTokenizer
 
     kinds = [s.kind for s in corpus]
-    # Sampled continuations are drawn by `python -m eval.corpus --resample` (minutes of
-    # CPU); the files-based kinds are always there.
-    for kind in ("natural", "math"):
+    for kind in ("sampled", "natural", "math"):
         assert kinds.count(kind) >= 2, kind
     for s in corpus:
         assert len(s.continuation_ids) == CONTINUATION_TOKENS, s.name
@@ -162,6 +160,9 @@ def test_corpus_is_non_degenerate_and_reproducible(corpus, bundled_model_path):
         assert stored[s.name].continuation_ids == s.continuation_ids, s.name
     log = json.loads(CORPUS_FILE.read_text())["sampling_log"]
     assert all(e["distinct_4"] >= MIN_DISTINCT_4 for e in log if not e["loop"])
+    # Every kept sample is one of the logged candidates that passed the loop filter.
+    kept = [s for s in corpus if s.kind == "sampled"]
+    assert len([e for e in log if not e["loop"]]) >= len(kept)
 
 
 def test_loop_filter():

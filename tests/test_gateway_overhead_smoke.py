@@ -12,14 +12,11 @@ run recorded in docs/benchmarks.md).
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 from typing import Any
 
 import pytest
 
-from tests.support.bench_script import finite, load_benchmark, positive
+from tests.support.bench_script import finite, positive, run_benchmark
 
 CONCURRENCY = 2
 REQUESTS = 6
@@ -38,10 +35,7 @@ def assert_quantiles(q: dict[str, Any], *, signed: bool = False) -> None:
 def results(tmp_path_factory, bundled_model_path) -> tuple[dict[str, Any], str]:
     # The bundled model directory only feeds the gateway's config.json read.
     out = tmp_path_factory.mktemp("bench") / "gateway_overhead.json"
-    bench = load_benchmark("gateway_overhead")
     argv = [
-        "--out",
-        str(out),
         "--model-path",
         str(bundled_model_path),
         "--pairs",
@@ -57,10 +51,7 @@ def results(tmp_path_factory, bundled_model_path) -> tuple[dict[str, Any], str]:
         "--rounds",
         "1",
     ]
-    table = io.StringIO()
-    with contextlib.redirect_stdout(table):
-        assert bench.main(argv) == 0
-    return json.loads(out.read_text()), table.getvalue()
+    return run_benchmark("gateway_overhead", out, argv)
 
 
 def test_latency_has_both_arms_and_the_overhead(results):

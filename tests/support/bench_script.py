@@ -3,11 +3,15 @@ can call its `main(argv)` in-process and read what it wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
+import json
 import math
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -20,6 +24,16 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
+
+
+def run_benchmark(name: str, out: Path, argv: list[str]) -> tuple[dict[str, Any], str]:
+    """Run benchmarks/<name>.py's main with `--out out` + argv; returns the JSON it wrote
+    and the table it printed. A non-zero exit status fails the caller's test."""
+    bench = load_benchmark(name)
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        assert bench.main(["--out", str(out), *argv]) == 0
+    return json.loads(out.read_text()), table.getvalue()
 
 
 def finite(value: object) -> bool:
