@@ -317,6 +317,8 @@ def _free_running_lines(results: dict) -> list[str]:
 
 def _memory_lines(results: dict, rel: Path) -> list[str]:
     c = results["curves"]
+    if not c:
+        return ["## Memory and time per step", "", "Not run (its budgets batch was skipped).", ""]
     rows = []
     for r in c["rows"]:
         rows.append(
@@ -388,11 +390,15 @@ def _milestone_lines(results: dict, rel: Path) -> list[str]:
 # -- plots ----------------------------------------------------------------------------
 
 
-def plot_all(results: dict, scores: dict[str, list[torch.Tensor]], grid: Grid, out: Path) -> None:
+def plot_all(
+    results: dict, scores: dict[str, list[torch.Tensor]] | None, grid: Grid, out: Path
+) -> None:
+    """Every plot; without `scores` (a resumed run) the milestone plot is left as is."""
     _plot_kl_vs_budget(results, out / "kl_vs_budget.png")
     _plot_variants(results, out / "variants.png")
     _plot_memory(results, out / "memory.png")
-    _plot_milestones(results, scores, grid, out / "milestones.png")
+    if scores is not None:
+        _plot_milestones(results, scores, grid, out / "milestones.png")
 
 
 def _plot_kl_vs_budget(results: dict, path: Path) -> None:
@@ -441,6 +447,8 @@ def _plot_variants(results: dict, path: Path) -> None:
 
 def _plot_memory(results: dict, path: Path) -> None:
     c = results["curves"]
+    if not c:  # its budgets batch was skipped by a time limit
+        return
     stride = c["step_stride"]
     sb = results["meta"]["grid"]["select_budget"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -9,11 +9,12 @@ Stages, each a few batched runs (`eval.batched_runner`; row 0 is always dense):
 1. Selection: on the first sequence of each kind, every raas variant (aggregation x
    alpha, adaptive) and the baselines at the selection budget. The raas variant with
    the lowest mean KL over these sequences is the study's choice of server default.
-2. Budgets: on every sequence, streaming, h2o, quest and the chosen raas at every
+2. Free running: greedy decoding from a prompt under each policy vs dense, first
+   divergence position (before the budgets stage: it is short, and a time limit then
+   cuts budget batches rather than it).
+3. Budgets: on every sequence, streaming, h2o, quest and the chosen raas at every
    budget. The sequences not used for the choice are held out: the targets are checked
    on all of them.
-3. Free running: greedy decoding from two prompts under each policy vs dense, first
-   divergence position.
 
 A budget at or above the continuation length never evicts (and quest then attends
 everything), so it equals dense exactly and is reported without a run.
@@ -25,6 +26,7 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -152,27 +154,105 @@ def _choose(records: list[dict], selection: list[str]) -> dict:
     }
 
 
-def run_study(
-    model, corpus: list[Sequence], grid: Grid, out_dir: Path, time_limit_s: float | None = None
-) -> dict:
-    """Run the stages; past `time_limit_s` the remaining budget and free-running batches
-    are skipped (and listed in results["skipped"]), so one command has a bounded time."""
+def _study_sequences(corpus: list[Sequence], grid: Grid) -> list[Sequence]:
+    """The first `grid.sequences_per_kind` sequences of each kind, at the grid's sizes."""
+    names = {k: [s.name for s in corpus if s.kind == k] for k in {s.kind for s in corpus}}
+    return [
+        s.truncated(grid.prompt_tokens, grid.continuation_tokens)
+        for s in corpus
+        if names[s.kind].index(s.name) < grid.sequences_per_kind
+    ]
+
+
+def _budgets_stage(
+    runner: BatchedPolicyRunner,
+    seqs: list[Sequence],
+    grid: Grid,
+    chosen: KVPolicyConfig,
+    results: dict,
+    out_of_time: Callable[[str], bool],
+) -> None:
+    """Every baseline and the chosen raas at every budget, one batch per sequence; a
+    sequence that already has its budget rows in `results` (a resumed run) is skipped."""
+    records = results["teacher_forced"]
+    sel_names = results["meta"]["selection_sequences"]
+    sb = grid.select_budget
+    done = {r["sequence"] for r in records if r["stage"] == "budgets"}
+    curve_seq = next((s for s in seqs if s.name not in sel_names), seqs[0])
+    t0 = time.perf_counter()
+    for seq in seqs:
+        if seq.name in done:
+            continue
+        budgets = [b for b in grid.budgets if seq.name not in sel_names or b != sb]
+        what = f"budgets {budgets} on {seq.name}"
+        if out_of_time(what):
+            continue
+        configs = [DENSE] + [baseline(n, b) for b in budgets for n in BASELINES]
+        configs += [at_budget(chosen, b) for b in budgets]
+        _log(f"budgets {seq.name}: {len(configs)} rows")
+        res, obs = teacher_force(runner, seq, configs)
+        records += [_row_record(seq, "budgets", c, obs, res, b) for b, c in enumerate(configs)]
+        if what in results["skipped"]:
+            results["skipped"].remove(what)
+        if seq is curve_seq:
+            results["curves"] = {
+                "sequence": seq.name,
+                "step_stride": CURVE_STRIDE,
+                "rows": [
+                    {
+                        "label": label(c),
+                        "budget": c.budget_tokens,
+                        "retained": res.retained_tokens[b][::CURVE_STRIDE],
+                        "attended": res.attended_tokens[b][::CURVE_STRIDE],
+                    }
+                    for b, c in enumerate(configs)
+                ],
+            }
+    timing = results["timing_s"]
+    timing["budgets"] = timing.get("budgets", 0.0) + time.perf_counter() - t0
+
+
+def _deadline_check(results: dict, time_limit_s: float | None) -> Callable[[str], bool]:
     deadline = None if time_limit_s is None else time.perf_counter() + time_limit_s
 
     def out_of_time(what: str) -> bool:
         if deadline is None or time.perf_counter() < deadline:
             return False
-        results["skipped"].append(what)
+        if what not in results["skipped"]:
+            results["skipped"].append(what)
         _log(f"time limit reached: skipped {what}")
         return True
 
+    return out_of_time
+
+
+def resume_study(
+    model, corpus: list[Sequence], grid: Grid, out_dir: Path, time_limit_s: float | None = None
+) -> dict:
+    """Run the budget batches that an earlier run's time limit skipped (its
+    results.json in `out_dir`), with that run's chosen default, and merge them in.
+    The milestone plot, drawn from the selection stage, is left as it is."""
+    results = json.loads((out_dir / "results.json").read_text())
+    if json.loads(json.dumps(asdict(grid))) != results["meta"]["grid"]:
+        raise ValueError(f"{out_dir / 'results.json'} was run on another grid; cannot resume it")
+    chosen = KVPolicyConfig(
+        name="raas", budget_tokens=grid.select_budget, **results["choice"]["variant"]
+    )
+    seqs = _study_sequences(corpus, grid)
+    out_of_time = _deadline_check(results, time_limit_s)
+    _budgets_stage(BatchedPolicyRunner(model), seqs, grid, chosen, results, out_of_time)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    report.plot_all(results, None, grid, out_dir)
+    return results
+
+
+def run_study(
+    model, corpus: list[Sequence], grid: Grid, out_dir: Path, time_limit_s: float | None = None
+) -> dict:
+    """Run the stages; past `time_limit_s` the remaining budget and free-running batches
+    are skipped (and listed in results["skipped"]), so one command has a bounded time."""
     runner = BatchedPolicyRunner(model)
-    names = {k: [s.name for s in corpus if s.kind == k] for k in {s.kind for s in corpus}}
-    seqs = [
-        s.truncated(grid.prompt_tokens, grid.continuation_tokens)
-        for s in corpus
-        if names[s.kind].index(s.name) < grid.sequences_per_kind
-    ]
+    seqs = _study_sequences(corpus, grid)
     kinds = sorted({s.kind for s in seqs}, key=[s.kind for s in seqs].index)
     selection = [next(s for s in seqs if s.kind == k) for k in kinds]
     sel_names = [s.name for s in selection]
@@ -203,6 +283,7 @@ def run_study(
         "timing_s": {},
         "skipped": [],
     }
+    out_of_time = _deadline_check(results, time_limit_s)
     records = results["teacher_forced"]
     sb = grid.select_budget
 
@@ -227,33 +308,6 @@ def run_study(
     results["choice"] = choice
     chosen = KVPolicyConfig(name="raas", budget_tokens=sb, **choice["variant"])
     _log(f"chosen: {choice['label']}")
-
-    t0 = time.perf_counter()
-    curve_seq = next((s for s in seqs if s.name not in sel_names), seqs[0])
-    for seq in seqs:
-        budgets = [b for b in grid.budgets if seq.name not in sel_names or b != sb]
-        if out_of_time(f"budgets {budgets} on {seq.name}"):
-            continue
-        configs = [DENSE] + [baseline(n, b) for b in budgets for n in BASELINES]
-        configs += [at_budget(chosen, b) for b in budgets]
-        _log(f"budgets {seq.name}: {len(configs)} rows")
-        res, obs = teacher_force(runner, seq, configs)
-        records += [_row_record(seq, "budgets", c, obs, res, b) for b, c in enumerate(configs)]
-        if seq is curve_seq:
-            results["curves"] = {
-                "sequence": seq.name,
-                "step_stride": CURVE_STRIDE,
-                "rows": [
-                    {
-                        "label": label(c),
-                        "budget": c.budget_tokens,
-                        "retained": res.retained_tokens[b][::CURVE_STRIDE],
-                        "attended": res.attended_tokens[b][::CURVE_STRIDE],
-                    }
-                    for b, c in enumerate(configs)
-                ],
-            }
-    results["timing_s"]["budgets"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     by_name = {s.name: s for s in seqs}
@@ -291,6 +345,8 @@ def run_study(
         )
     results["timing_s"]["free_running"] = time.perf_counter() - t0
 
+    _budgets_stage(runner, seqs, grid, chosen, results, out_of_time)
+
     out_dir.mkdir(parents=True, exist_ok=True)
     # Saved before plotting, so a plotting error never costs the run.
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -304,6 +360,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DOCS / "fidelity", help="plots + JSON")
     parser.add_argument("--doc", type=Path, default=None, help="markdown (default: docs/)")
     parser.add_argument("--report-only", action="store_true", help="rewrite the markdown")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="run only the budget batches an earlier run's time limit skipped, and merge them",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--corpus", type=Path, default=CORPUS_FILE)
     parser.add_argument(
@@ -328,8 +389,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.per_kind is not None:
             grid = replace(grid, sequences_per_kind=args.per_kind)
         limit = None if args.time_limit_min is None else 60 * args.time_limit_min
-        results = run_study(model, load_corpus(args.corpus), grid, args.out, limit)
-        results["timing_s"]["total"] = time.perf_counter() - start
+        study = resume_study if args.resume else run_study
+        results = study(model, load_corpus(args.corpus), grid, args.out, limit)
+        timing = results["timing_s"]
+        timing["total"] = timing.get("total", 0.0) if args.resume else 0.0
+        timing["total"] += time.perf_counter() - start
         results_file.write_text(json.dumps(results, indent=1) + "\n")
     results = json.loads(results_file.read_text())
     doc.write_text(report.markdown(results, plots=args.out, doc=doc))

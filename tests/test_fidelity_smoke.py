@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -31,7 +32,8 @@ from eval.corpus import (
 from eval.fidelity_metrics import FidelityObserver, first_divergence
 from eval.grid import SMOKE
 from eval.milestones import analyse
-from eval.study import load_model, run_study
+from eval.report import markdown
+from eval.study import load_model, resume_study, run_study
 from raas_backend.policies import KVPolicyConfig
 from raas_backend.reference import PolicyRunner
 
@@ -122,6 +124,34 @@ def test_study_smoke(bundled_model_path, corpus, tmp_path):
     assert results["choice"]["label"].startswith("raas")
     for name in ("kl_vs_budget", "variants", "memory", "milestones"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+
+
+def test_study_resumes_the_batches_a_time_limit_skipped(bundled_model_path, corpus, tmp_path):
+    model = load_model(bundled_model_path, layers=LAYERS)
+    # A limit already past: selection on the first sequence only, every later batch skipped.
+    first = run_study(model, corpus, SMOKE, tmp_path, time_limit_s=0)
+    assert not [r for r in first["teacher_forced"] if r["stage"] == "budgets"]
+    assert any(w.startswith("budgets") for w in first["skipped"])
+    assert "Not run" in markdown(first, plots=tmp_path, doc=tmp_path / "fidelity.md")
+    study_names = {c["name"] for c in first["corpus"]}
+
+    resumed = resume_study(model, corpus, SMOKE, tmp_path)
+    budget_rows = [r for r in resumed["teacher_forced"] if r["stage"] == "budgets"]
+    assert {r["sequence"] for r in budget_rows} == study_names
+    assert not any(w.startswith("budgets") for w in resumed["skipped"])
+    # Selection-stage rows are kept as they were, and the merge is what was saved.
+    selected = [r for r in first["teacher_forced"] if r["stage"] == "select"]
+    assert [r for r in resumed["teacher_forced"] if r["stage"] == "select"] == json.loads(
+        json.dumps(selected)
+    )
+    assert json.loads((tmp_path / "results.json").read_text()) == resumed
+    assert (tmp_path / "memory.png").stat().st_size > 1000
+    assert "Not run" not in markdown(resumed, plots=tmp_path, doc=tmp_path / "fidelity.md")
+    # Nothing left to run: a second resume adds no rows.
+    again = resume_study(model, corpus, SMOKE, tmp_path)
+    assert len(again["teacher_forced"]) == len(resumed["teacher_forced"])
+    with pytest.raises(ValueError, match="another grid"):
+        resume_study(model, corpus, replace(SMOKE, budgets=(16,)), tmp_path)
 
 
 def test_budget_at_least_the_length_equals_dense(batched, corpus):
