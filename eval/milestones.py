@@ -10,6 +10,8 @@ that raas can serve and a recent window (StreamingLLM) cannot.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from eval.batched_runner import AGGREGATIONS
@@ -33,9 +35,19 @@ def score_matrix(recorded: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def used_matrix(scores: torch.Tensor, alpha: float) -> torch.Tensor:
-    """shape [steps, pages] bool from one aggregation's [steps, pages] scores."""
-    return torch.nan_to_num(scores, nan=0.0) > alpha
+def used_matrix(scores: torch.Tensor, alpha: float, top_fraction: float = 0.0) -> torch.Tensor:
+    """shape [steps, pages] bool from one aggregation's [steps, pages] scores: above
+    alpha, or (raas's adaptive variant) among the top fraction of that step's pages."""
+    filled = torch.nan_to_num(scores, nan=float("-inf"))
+    used = filled > alpha
+    if top_fraction > 0.0:
+        existing = (~torch.isnan(scores)).sum(dim=1).tolist()
+        for step, n in enumerate(existing):
+            if n:
+                # As RaaSPolicy._record: at least one page, ceil of the fraction.
+                k = max(1, math.ceil(top_fraction * n - 1e-9))
+                used[step, torch.topk(filled[step], k).indices] = True
+    return used
 
 
 def analyse(

@@ -477,16 +477,18 @@ def _plot_milestones(
     m = milestones.score_matrix(scores[name])
     v = results["choice"]["variant"]
     panels = [
-        (("max", "max"), LITERAL_ALPHA, "literal rule: max/max, alpha 1e-4"),
+        (("max", "max"), LITERAL_ALPHA, 0.0, "literal rule: max/max, alpha 1e-4"),
         (
             (v["head_agg"], v["layer_agg"]),
             v["alpha"],
-            f"chosen: {v['head_agg']}/{v['layer_agg']}, alpha {v['alpha']:g}",
+            v["refresh_top_fraction"],
+            f"chosen: {v['head_agg']}/{v['layer_agg']}, alpha {v['alpha']:g}"
+            + (f", top {v['refresh_top_fraction']:g}" if v["refresh_top_fraction"] else ""),
         ),
     ]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (agg, alpha, title) in zip(axes, panels, strict=True):
-        used = milestones.used_matrix(m[AGGREGATIONS.index(agg)], alpha)
+    for ax, (agg, alpha, top, title) in zip(axes, panels, strict=True):
+        used = milestones.used_matrix(m[AGGREGATIONS.index(agg)], alpha, top)
         ax.imshow(
             used.T.float().numpy(),
             aspect="auto",

@@ -31,7 +31,7 @@ from eval.corpus import (
 )
 from eval.fidelity_metrics import FidelityObserver, first_divergence
 from eval.grid import SMOKE
-from eval.milestones import analyse
+from eval.milestones import analyse, used_matrix
 from eval.report import markdown
 from eval.study import load_model, resume_study, run_study
 from raas_backend.policies import KVPolicyConfig
@@ -217,3 +217,24 @@ def test_milestone_analysis_on_known_pattern():
     assert strict["retired_fraction"] > 0 and strict["never_used_fraction"] > 0
     assert strict["old_use_fraction"] > 0  # steps 64..99 reach a page older than 64
     assert strict["used_fraction"] < 0.05
+
+
+def test_used_matrix_top_fraction_marks_the_largest_existing_pages():
+    nan = float("nan")
+    scores = torch.tensor([[0.5, nan, nan, nan], [0.01, 0.3, 0.02, nan], [0.2, 0.0, 0.6, 0.05]])
+    assert used_matrix(scores, 0.4).tolist() == [
+        [True, False, False, False],
+        [False, False, False, False],
+        [False, False, True, False],
+    ]
+    # Top quarter of the existing pages (at least one), or above alpha.
+    assert used_matrix(scores, 0.99, 0.25).tolist() == [
+        [True, False, False, False],
+        [False, True, False, False],
+        [False, False, True, False],
+    ]
+    assert used_matrix(scores, 0.1, 0.5).tolist() == [
+        [True, False, False, False],
+        [False, True, True, False],
+        [True, False, True, False],
+    ]

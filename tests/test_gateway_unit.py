@@ -26,6 +26,9 @@ from service.settings import Settings
 MODEL = "smollm2-135m-instruct"
 
 
+DEFAULT_ALPHA = Settings.model_fields["kv_default_alpha"].default
+
+
 def settings(**overrides) -> Settings:
     return Settings(engine_mode="remote", **overrides)
 
@@ -69,9 +72,9 @@ def test_settings_remote_url_and_validation():
 
 def test_defaults_fill_missing_fields():
     eff = kv_policy.resolve(KvPolicyRequest(), limits())
-    assert eff == EffectivePolicy(name="raas", budget_tokens=2048, alpha=0.1)
+    assert eff == EffectivePolicy(name="raas", budget_tokens=2048, alpha=DEFAULT_ALPHA)
     eff = kv_policy.resolve(KvPolicyRequest(name="h2o", budget_tokens=256), limits())
-    assert (eff.name, eff.budget_tokens, eff.alpha) == ("h2o", 256, 0.1)
+    assert (eff.name, eff.budget_tokens, eff.alpha) == ("h2o", 256, DEFAULT_ALPHA)
 
 
 def test_dense_has_no_budget_and_engine_gets_only_set_fields():
@@ -82,7 +85,7 @@ def test_dense_has_no_budget_and_engine_gets_only_set_fields():
     assert raas.for_engine() == {
         "name": "raas",
         "budget_tokens": 2048,
-        "alpha": 0.1,
+        "alpha": DEFAULT_ALPHA,
         "recent_tokens": 0,
     }
 

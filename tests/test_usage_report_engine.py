@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from raas_backend.policies import KVPolicyConfig
+from raas_backend.policies.config import DEFAULT_ALPHA
 from raas_backend.request_kv import RequestKV
 from tests.support.sglang_server import sglang_server
 
@@ -147,7 +148,7 @@ def test_chat_completion_usage_has_kv_cache(client, model):
     assert resp.model_dump()["usage"]["kv_cache"] == kv
     assert set(kv) == KV_CACHE_FIELDS
     assert usage.completion_tokens == 48
-    assert (kv["policy"], kv["budget_tokens"], kv["alpha"]) == ("raas", 32, 0.1)
+    assert (kv["policy"], kv["budget_tokens"], kv["alpha"]) == ("raas", 32, DEFAULT_ALPHA)
     assert kv["evicted_pages"] > 0
     assert kv["peak_retained_tokens"] <= usage.prompt_tokens + 32 + PAGE
     assert_matches(kv, RAAS_32, usage.prompt_tokens, 48)

@@ -10,11 +10,14 @@ POLICY_NAMES = ("raas", "dense", "streaming", "h2o", "quest")
 Aggregation = Literal["max", "mean"]
 AGGREGATIONS = ("max", "mean")
 
-# Defaults chosen by the fidelity study (docs/fidelity.md); overridable per server.
-DEFAULT_ALPHA = 0.1
+# Defaults chosen by the fidelity study (docs/fidelity.md); overridable per server. The
+# adaptive variant: each step the top quarter of pages by attention mass (max over heads,
+# max over layers) counts as used; alpha 0.99 leaves the choice to that fraction, which
+# does not depend on the model's attention-mass scale as a fixed threshold does.
+DEFAULT_ALPHA = 0.99
 DEFAULT_HEAD_AGG: Aggregation = "max"
 DEFAULT_LAYER_AGG: Aggregation = "max"
-DEFAULT_REFRESH_TOP_FRACTION = 0.0
+DEFAULT_REFRESH_TOP_FRACTION = 0.25
 MIN_BUDGET_PAGES = 2
 
 
