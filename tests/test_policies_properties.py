@@ -371,7 +371,9 @@ def test_raas_keeps_an_attended_old_page_streaming_does_not(page_size):
 
 def test_raas_evicts_a_milestone_once_it_stops_being_attended():
     page_size, budget = 4, 12
-    config = KVPolicyConfig(name="raas", budget_tokens=budget, alpha=0.1, page_size=page_size)
+    config = KVPolicyConfig(
+        name="raas", budget_tokens=budget, alpha=0.1, page_size=page_size, refresh_top_fraction=0
+    )
     kv = RequestKV(config, prompt_len=3)
     for step in range(1, 80):
         kv.begin_step()
@@ -393,7 +395,12 @@ def test_adaptive_variant_refreshes_the_top_page_below_alpha(alpha):
         return 0.2 if page == 0 else 0.01  # below alpha, but page 0 is the top page
 
     common = dict(name="raas", budget_tokens=budget, alpha=alpha, page_size=page_size)
-    plain = _drive(KVPolicyConfig(**common), prompt_len=2, steps=60, score_of=low_scores)
+    plain = _drive(
+        KVPolicyConfig(**common, refresh_top_fraction=0.0),
+        prompt_len=2,
+        steps=60,
+        score_of=low_scores,
+    )
     assert 0 not in plain.table.retained
     adaptive = _drive(
         KVPolicyConfig(**common, refresh_top_fraction=0.01),

@@ -152,7 +152,8 @@ def record_scores(
         order = torch.argsort(dense, dim=1, descending=True, stable=True)
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(state.capacity, device=order.device).expand_as(order))
-        used |= listed & (rank < k[:, None])
+        # A page no head attended at all was not used, whatever its rank among ties.
+        used |= listed & (rank < k[:, None]) & (dense > 0)
     state.last_used = torch.where(used, torch.full_like(state.last_used, step), state.last_used)
 
 

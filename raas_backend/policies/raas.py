@@ -22,7 +22,7 @@ class RaaSPolicy(KVPolicy):
     ----------
     alpha : mass threshold for "used" (config.alpha).
     refresh_top_fraction : adaptive variant; the top fraction of attended pages by mass
-        is also refreshed each step, whatever alpha says.
+        is also refreshed each step, whatever alpha says (pages with zero mass never are).
     """
 
     name = "raas"
@@ -40,7 +40,9 @@ class RaaSPolicy(KVPolicy):
         if frac > 0.0:
             # The tolerance keeps e.g. 0.07 * 100 = 7.000000000000001 at 7 pages.
             k = max(1, math.ceil(frac * len(pages) - 1e-9))
-            used[torch.topk(scores, k).indices] = True
+            top = torch.topk(scores, k).indices
+            # A page no head attended at all was not used, whatever its rank among ties.
+            used[top[scores[top] > 0]] = True
         for i in used.nonzero().flatten().tolist():
             self.last_used[pages[i]] = step
 

@@ -66,7 +66,7 @@ def _raas_step_kernel(
                 hit = i == first
                 picked = picked | hit
                 left = tl.where(hit, float("-inf"), left)
-            used = used | (picked & listed)
+            used = used | (picked & listed & (sc > 0))
         last = tl.where(used, step - 1, last)
     pl = tl.load(PromptLens + b)
     sl = tl.load(SeqLens + b)
