@@ -31,6 +31,7 @@ def run_both(
     refresh: float,
     steps: int = 150,
     fused: bool | None = None,
+    zero_fraction: float = 0.0,
 ) -> None:
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -56,6 +57,9 @@ def run_both(
     attended: list[list[int]] = [[] for _ in range(batch)]
     for step in range(1, steps + 1):
         per_req = [torch.rand(len(a), generator=gen) ** 3 for a in attended]
+        # Pages no head attended: the adaptive refresh must not mark them, even in its top.
+        for s in per_req:
+            s[torch.rand(len(s), generator=gen) < zero_fraction] = 0.0
         for pol, s in zip(policies, per_req, strict=True):
             pol.update(s, step - 1)
         flat = torch.cat(per_req).to(device) if step > 1 else None
@@ -88,6 +92,11 @@ def test_batched_raas_matches_per_request_policy(seed: int, device: str) -> None
 @pytest.mark.parametrize("device", DEVICES)
 def test_batched_adaptive_variant_matches(device: str) -> None:
     run_both(11, device, alpha=0.9, refresh=0.25)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_batched_adaptive_variant_skips_unattended_pages(device: str) -> None:
+    run_both(12, device, alpha=0.9, refresh=0.5, zero_fraction=0.7)
 
 
 def test_keeps_attended_old_page_and_evicts_newer_unattended() -> None:

@@ -176,6 +176,7 @@ def main() -> None:
 
     run_both(3, "cpu", alpha=0.3, refresh=0.0, steps=70, fused=True)
     run_both(11, "cpu", alpha=0.9, refresh=0.25, steps=70, fused=True)
+    run_both(12, "cpu", alpha=0.9, refresh=0.5, steps=70, fused=True, zero_fraction=0.7)
     print("triton interpreter checks passed")
 
 
