@@ -21,7 +21,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from raas_backend.kernels.torch_ref import attend_one, page_key_bounds, quest_bounds
+from raas_backend.kernels.torch_ref import attend_one, page_key_bounds, page_mass, quest_bounds
 from raas_backend.policies import KVPolicyConfig
 from raas_backend.request_kv import RequestKV
 
@@ -72,12 +72,11 @@ def _policy_attention(
         kmin, kmax = page_key_bounds(keys[all_pos[decode]], pages[decode], len(table.retained))
         state.select_for_layer(quest_bounds(q, kmin, kmax, scale))
     positions, token_page = state.positions()
-    out, probs = attend_one(q, keys[positions], values[positions], scale)
+    out, probs = attend_one(
+        q, keys.index_select(0, positions), values.index_select(0, positions), scale
+    )
     if state.needs_scores:
-        scored = token_page >= 0
-        mass = torch.zeros(len(state.pages), probs.shape[0])
-        mass.index_add_(0, token_page[scored], probs[:, scored].T)
-        state.add_layer_mass(mass)
+        state.add_layer_mass(page_mass(probs, token_page, len(state.pages)))
     return out.view(1, 1, *out.shape), None
 
 

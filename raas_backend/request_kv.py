@@ -12,6 +12,11 @@ import torch
 from raas_backend.policies import KVPolicy, KVPolicyConfig, make_policy
 
 
+def head_aggregate(mass: torch.Tensor, head_agg: str) -> torch.Tensor:
+    """Page scores over query heads: shape [pages, num_qo_heads] -> [pages]."""
+    return mass.amax(dim=1) if head_agg == "max" else mass.mean(dim=1)
+
+
 class RequestKV:
     """Policy + page table + the per-step score accumulator of one request."""
 
@@ -58,7 +63,10 @@ class RequestKV:
 
     def add_layer_mass(self, mass: torch.Tensor) -> None:
         """Fold one layer's page mass (shape [len(pages), num_qo_heads]) into the step."""
-        per_page = mass.amax(dim=1) if self.config.head_agg == "max" else mass.mean(dim=1)
+        self.add_layer_scores(head_aggregate(mass, self.config.head_agg))
+
+    def add_layer_scores(self, per_page: torch.Tensor) -> None:
+        """Fold one layer's head-aggregated page scores (shape [len(pages)]) into the step."""
         per_page = per_page.float().cpu()
         if self._acc is None:
             self._acc = per_page.clone()

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from raas_backend.kernels.torch_ref import (
     attend_one,
     page_key_bounds,
+    page_mass,
     quest_bounds,
     sparse_decode,
 )
@@ -145,6 +146,25 @@ def test_sparse_decode_without_token_page_returns_no_mass():
         idx = indices[indptr[b] : indptr[b + 1]]
         want, _ = _dense_oracle(q[b], k[idx], v[idx], torch.ones(len(idx), dtype=torch.bool), 0.125)
         torch.testing.assert_close(out[b].double(), want, atol=1e-5, rtol=1e-5)
+
+
+@given(
+    n=st.integers(1, 80),
+    num_pages=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+@settings(max_examples=40, deadline=None)
+def test_page_mass_sums_each_pages_probabilities(n, num_pages, seed):
+    """The one page-mass reduction the reference and the engine share: per page and
+    head, the sum of its tokens' probabilities; unscored tokens (-1) count nowhere."""
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.rand(5, n, generator=gen)
+    token_page = torch.randint(-1, num_pages, (n,), generator=gen)
+    mass = page_mass(probs, token_page, num_pages)
+    assert mass.shape == (num_pages, 5)
+    for p in range(num_pages):
+        want = probs[:, token_page == p].double().sum(dim=1)
+        torch.testing.assert_close(mass[p].double(), want, atol=1e-6, rtol=1e-6)
 
 
 def test_sparse_decode_rejects_a_bad_indptr():

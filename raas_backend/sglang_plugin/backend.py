@@ -19,7 +19,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from raas_backend.kernels import torch_ref
 from raas_backend.kernels.torch_ref import page_key_bounds, quest_bounds
-from raas_backend.request_kv import RequestKV
+from raas_backend.request_kv import RequestKV, head_aggregate
 from raas_backend.sglang_plugin.runtime import activate_runtime
 
 if TYPE_CHECKING:
@@ -136,10 +136,16 @@ class RaasAttnBackend(TorchNativeAttnBackend):
             index.page_offsets[-1],
         )
         if page_mass is not None:
+            # One reduction over heads per aggregation for the whole batch, then one
+            # device-to-host copy; per request only slices remain.
+            by_agg: dict[str, torch.Tensor] = {}
             for b, state in enumerate(index.states):
                 if state is not None and state.needs_scores:
+                    agg = state.config.head_agg
+                    if agg not in by_agg:
+                        by_agg[agg] = head_aggregate(page_mass, agg).float().cpu()
                     lo, hi = index.page_offsets[b], index.page_offsets[b + 1]
-                    state.add_layer_mass(page_mass[lo:hi])
+                    state.add_layer_scores(by_agg[agg][lo:hi])
         return out.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     @staticmethod
