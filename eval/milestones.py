@@ -10,11 +10,10 @@ that raas can serve and a recent window (StreamingLLM) cannot.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from eval.batched_runner import AGGREGATIONS
+from raas_backend.policies.raas import used_pages
 
 ALPHAS = (1e-4, 1e-3, 1e-2, 0.1)
 # A page "used for a while" is still used this many steps after it was written.
@@ -36,17 +35,14 @@ def score_matrix(recorded: list[torch.Tensor]) -> torch.Tensor:
 
 
 def used_matrix(scores: torch.Tensor, alpha: float, top_fraction: float = 0.0) -> torch.Tensor:
-    """shape [steps, pages] bool from one aggregation's [steps, pages] scores: above
-    alpha, or (raas's adaptive variant) among the top fraction of that step's pages."""
-    filled = torch.nan_to_num(scores, nan=float("-inf"))
-    used = filled > alpha
-    if top_fraction > 0.0:
-        existing = (~torch.isnan(scores)).sum(dim=1).tolist()
-        for step, n in enumerate(existing):
-            if n:
-                # As RaaSPolicy._record: at least one page, ceil of the fraction.
-                k = max(1, math.ceil(top_fraction * n - 1e-9))
-                used[step, torch.topk(filled[step], k).indices] = True
+    """shape [steps, pages] bool from one aggregation's [steps, pages] scores (NaN where a
+    page does not exist yet): RaaSPolicy's rule applied to each step's existing pages."""
+    if top_fraction == 0.0:
+        return scores > alpha  # NaN compares False: a page not written yet is not used
+    used = torch.zeros(scores.shape, dtype=torch.bool)
+    for step, row in enumerate(scores):
+        exists = ~torch.isnan(row)
+        used[step, exists] = used_pages(row[exists], alpha, top_fraction)
     return used
 
 

@@ -81,11 +81,8 @@ def sparse_decode(
         f"expected kv_indptr of {batch + 1}, got {kv_indptr.numel()}",
     )
     out = torch.empty_like(q)
-    acc = None
-    if token_page is not None:
-        # One accumulator for the batch; unscored tokens go to the spare last column.
-        acc = torch.zeros(q.shape[1], num_pages + 1, dtype=torch.float32, device=q.device)
-        spare = torch.where(token_page >= 0, token_page, num_pages)
+    # Zero-width start: a batch of none still gets a [num_pages, heads] mass of zeros.
+    all_probs = [torch.zeros(q.shape[1], 0, dtype=torch.float32, device=q.device)]
     bounds = kv_indptr.tolist()
     for b in range(batch):
         lo, hi = bounds[b], bounds[b + 1]
@@ -95,10 +92,13 @@ def sparse_decode(
         values = v_buffer.index_select(0, idx)
         o, probs = attend_one(q[b], keys, values, sm_scale)
         out[b] = o
-        if acc is not None:
-            acc.index_add_(1, spare[lo:hi], probs)
-    page_mass = acc[:, :num_pages].T if acc is not None else None
-    return out, page_mass
+        if token_page is not None:
+            all_probs.append(probs)
+    mass = None
+    if token_page is not None:
+        # Requests' probabilities side by side line up with token_page's global page ids.
+        mass = page_mass(torch.cat(all_probs, dim=1), token_page, num_pages)
+    return out, mass
 
 
 def page_key_bounds(

@@ -9,6 +9,22 @@ import torch
 from raas_backend.policies.base import KVPolicy
 
 
+def used_pages(scores: torch.Tensor, alpha: float, top_fraction: float) -> torch.Tensor:
+    """Which pages count as used at one step: shape [pages] bool from their scores.
+
+    Above alpha, or (the adaptive variant, top_fraction > 0) among the top
+    ceil(top_fraction * pages) by score, at least one; a page with zero mass never is.
+    """
+    used = scores > alpha
+    if top_fraction > 0.0 and scores.numel():
+        # The tolerance keeps e.g. 0.07 * 100 = 7.000000000000001 at 7 pages.
+        k = max(1, math.ceil(top_fraction * scores.numel() - 1e-9))
+        top = torch.topk(scores, k).indices
+        # A page no head attended at all was not used, whatever its rank among ties.
+        used[top[scores[top] > 0]] = True
+    return used
+
+
 class RaaSPolicy(KVPolicy):
     """Reasoning-Aware Attention Sparsity (Hu et al., Findings of ACL 2025).
 
@@ -35,14 +51,7 @@ class RaaSPolicy(KVPolicy):
         self.last_used.append(step)
 
     def _record(self, pages: list[int], scores: torch.Tensor, step: int) -> None:
-        used = scores > self.config.alpha
-        frac = self.config.refresh_top_fraction
-        if frac > 0.0:
-            # The tolerance keeps e.g. 0.07 * 100 = 7.000000000000001 at 7 pages.
-            k = max(1, math.ceil(frac * len(pages) - 1e-9))
-            top = torch.topk(scores, k).indices
-            # A page no head attended at all was not used, whatever its rank among ties.
-            used[top[scores[top] > 0]] = True
+        used = used_pages(scores, self.config.alpha, self.config.refresh_top_fraction)
         for i in used.nonzero().flatten().tolist():
             self.last_used[pages[i]] = step
 
