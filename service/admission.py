@@ -60,17 +60,26 @@ class AdmissionController:
     def queued(self) -> int:
         return len(self._waiters)
 
-    async def acquire(self, key_id: str | None = None, key_limit: int | None = None) -> Ticket:
+    def try_acquire(self, key_id: str | None = None, key_limit: int | None = None) -> Ticket | None:
+        """A slot now, or None when the caller would have to queue (then `acquire`).
+
+        Lets the common, uncontended case skip the machinery that waiting needs."""
         if key_id is not None and key_limit is not None and self._per_key[key_id] >= key_limit:
             raise AdmissionRejected(
                 RejectReason.KEY_CONCURRENCY,
                 f"This API key already has {key_limit} concurrent request(s), its limit",
             )
-        start = time.monotonic()
         if self.in_flight < self.max_in_flight and not self._waiters:
             self.in_flight += 1
             self._count_key(key_id, +1)
             return Ticket(self, key_id, 0.0)
+        return None
+
+    async def acquire(self, key_id: str | None = None, key_limit: int | None = None) -> Ticket:
+        start = time.monotonic()
+        ticket = self.try_acquire(key_id, key_limit)
+        if ticket is not None:
+            return ticket
         if len(self._waiters) >= self.max_queue:
             raise AdmissionRejected(
                 RejectReason.QUEUE_FULL,

@@ -177,6 +177,9 @@ class ChatService:
             key_id = call.key.digest
             key_limit = call.key.max_concurrency or self._settings.per_key_max_concurrency
         try:
+            ticket = self._admission.try_acquire(key_id, key_limit)
+            if ticket is not None:
+                return ticket
             return await self._until_disconnect(request, self._admission.acquire(key_id, key_limit))
         except AdmissionRejected as exc:
             self._metrics.admission_rejections.labels(exc.reason.value).inc()

@@ -1,13 +1,20 @@
-"""ASGI middleware counting every HTTP response by route template and status code.
+"""ASGI middleware accounting for every HTTP response: counted by route template and
+status code, and one access-log line each (uvicorn's own access log is off: it goes
+through the standard library's logging, several times the cost of a structlog line).
 
 Pure ASGI rather than BaseHTTPMiddleware: it must not buffer or re-wrap the SSE stream.
 """
 
 from __future__ import annotations
 
+import time
+
+import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.metrics import GatewayMetrics
+
+log = structlog.get_logger("service.access")
 
 
 class HttpMetricsMiddleware:
@@ -19,6 +26,7 @@ class HttpMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = time.monotonic()
         status = 500
 
         async def send_wrapper(message: Message) -> None:
@@ -33,6 +41,15 @@ class HttpMetricsMiddleware:
             self.metrics.http_requests.labels(
                 scope["method"], _route_template(scope), str(status)
             ).inc()
+            client = scope.get("client")
+            log.info(
+                "http.request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                ms=round((time.monotonic() - started) * 1000, 2),
+                client=f"{client[0]}:{client[1]}" if client else None,
+            )
 
 
 def _route_template(scope: Scope) -> str:

@@ -66,12 +66,15 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from service.kv_policy import POLICY_NAMES, KvCacheUsage
+
+log = structlog.get_logger(__name__)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 TOKEN_LATENCY_BUCKETS = (
@@ -169,7 +172,15 @@ class EngineMetricsCollector(Collector):
         self.bytes_per_token: int | None = None
 
     def update(self, text: str | None) -> None:
-        self.snapshot = parse_engine_metrics(text) if text is not None else None
+        if text is None:
+            self.snapshot = None
+            return
+        try:
+            self.snapshot = parse_engine_metrics(text)
+        except ValueError as exc:
+            # A broken scrape must not take the gateway's own metrics down with it.
+            log.warning("engine.metrics_unparsable", error=str(exc)[:200])
+            self.snapshot = None
 
     def describe(self) -> Iterable[Metric]:
         return []

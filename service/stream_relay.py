@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from service.engine_client import EngineStream, EngineTimeout, EngineUnavailable
 from service.errors import ErrorBody, ErrorDetail
 from service.kv_policy import EffectivePolicy, KvCacheUsage
 
@@ -31,6 +31,19 @@ DONE = b"data: [DONE]\n\n"
 
 def sse(payload: str) -> bytes:
     return f"data: {payload}\n\n".encode()
+
+
+def sse_raw(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+# SGLang serializes chunks compactly (pydantic's model_dump_json), so a token chunk says
+# `"usage":null`. A JSON string value cannot contain an unescaped quote, so these byte
+# patterns only ever match keys and bare values: a chunk without them needs no parsing.
+# Any other serialization only costs a parse per chunk, never a wrong answer.
+_ERROR_KEY = b'"error"'
+_USAGE_KEY = b'"usage"'
+_NO_USAGE = b'"usage":null'
 
 
 def error_event(message: str, type_: str, code: str, param: str | None = None) -> bytes:
@@ -75,7 +88,7 @@ class StreamResult:
 class StreamRelay:
     def __init__(
         self,
-        upstream: httpx.Response,
+        upstream: EngineStream,
         policy: EffectivePolicy,
         *,
         include_usage: bool,
@@ -91,16 +104,22 @@ class StreamRelay:
     async def events(self) -> AsyncIterator[bytes]:
         saw_done = False
         try:
-            async for line in self._upstream.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    saw_done = True
+            async for batch in self._upstream.line_batches():
+                out: list[bytes] = []
+                for line in batch:
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        saw_done = True
+                        break
+                    event = self._on_chunk(data)
+                    if event is not None:
+                        out.append(event)
+                if out:
+                    yield b"".join(out)
+                if saw_done:
                     break
-                out = self._on_chunk(data)
-                if out is not None:
-                    yield out
             if saw_done:
                 if self.result.outcome != "engine_error":
                     self.result.outcome = "success"
@@ -111,12 +130,12 @@ class StreamRelay:
                     "server_error",
                     "engine_unavailable",
                 )
-        except httpx.TimeoutException:
+        except EngineTimeout:
             self.result.outcome = "upstream_timeout"
             yield error_event(
                 "The inference engine stopped sending tokens", "server_error", "upstream_timeout"
             )
-        except httpx.TransportError:
+        except EngineUnavailable:
             self.result.outcome = "engine_unavailable"
             yield error_event(
                 "The inference engine connection failed mid-stream",
@@ -126,13 +145,22 @@ class StreamRelay:
         self.result.finished = True
         yield DONE
 
-    def _on_chunk(self, data: str) -> bytes | None:
+    def _needs_parse(self, data: bytes) -> bool:
+        return (
+            self.result.first_token_at is None
+            or _ERROR_KEY in data
+            or (_USAGE_KEY in data and _NO_USAGE not in data)
+        )
+
+    def _on_chunk(self, data: bytes) -> bytes | None:
+        if not self._needs_parse(data):
+            return sse_raw(data)
         try:
             chunk = json.loads(data)
-        except json.JSONDecodeError:
-            return sse(data)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return sse_raw(data)
         if not isinstance(chunk, dict):
-            return sse(data)
+            return sse_raw(data)
         if "error" in chunk:
             self.result.outcome = "engine_error"
             self.result.engine_errors.append(str(chunk["error"])[:200])
@@ -146,7 +174,7 @@ class StreamRelay:
             self.result.usage = usage
             self.result.kv = kv
             return sse(json.dumps(chunk)) if self._include_usage else None
-        return sse(data)
+        return sse_raw(data)
 
     async def finish(self, client_gone: bool) -> None:
         """Run once: close the upstream and hand over to the chat service's clean-up."""
@@ -157,7 +185,7 @@ class StreamRelay:
         if disconnected:
             self.result.outcome = "client_disconnected"
         try:
-            await self._upstream.aclose()
+            await self._upstream.aclose(drain=self.result.outcome == "success")
         finally:
             await self._on_finish(self, disconnected)
 

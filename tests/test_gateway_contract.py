@@ -126,6 +126,8 @@ class FakeEngine:
                 raise RuntimeError("engine died")  # the connection breaks mid-body
             if script == "truncate" and i == 1:
                 return  # a clean end of body, but no [DONE]
+            if script == "stall-mid-stream" and i == 1:
+                await asyncio.sleep(3)  # alive but silent past the gateway's read timeout
             if script == "error-event" and i == 1:
                 err = {
                     "object": "error",
@@ -263,16 +265,22 @@ def test_stream_with_usage_gets_kv_cache_in_final_chunk(engine, gw):
     assert fake.bodies[-1]["stream_options"] == {"include_usage": True}
 
 
-def test_stream_without_usage_hides_the_usage_chunk_and_ends_with_done(gw):
+def sse_payloads(url: str, script: str) -> list[str]:
+    """A raw stream's `data:` payloads (the openai client hides error events)."""
     with httpx.stream(
         "POST",
-        f"{gw}/v1/chat/completions",
-        json={"model": MODEL, "messages": say("hi"), "stream": True},
+        f"{url}/v1/chat/completions",
+        json={"model": MODEL, "messages": say(script), "stream": True},
         timeout=30,
     ) as resp:
+        assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
-        events = [line for line in resp.iter_lines() if line.startswith("data:")]
-    assert events[-1] == "data: [DONE]"
+        return [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+
+
+def test_stream_without_usage_hides_the_usage_chunk_and_ends_with_done(gw):
+    events = sse_payloads(gw, "hi")
+    assert events[-1] == "[DONE]"
     assert all('"usage"' not in e for e in events)
 
 
@@ -420,14 +428,7 @@ def test_mid_stream_failure_is_an_error_event_then_done(gw):
         ("truncate", "engine_unavailable"),
         ("error-event", None),
     ):
-        with httpx.stream(
-            "POST",
-            f"{gw}/v1/chat/completions",
-            json={"model": MODEL, "messages": say(script), "stream": True},
-            timeout=30,
-        ) as resp:
-            assert resp.status_code == 200
-            events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+        events = sse_payloads(gw, script)
         assert events[-1] == "[DONE]"
         errors = [json.loads(e)["error"] for e in events[:-1] if '"error"' in e]
         assert len(errors) == 1 and set(errors[0]) == {"message", "type", "param", "code"}
@@ -437,6 +438,20 @@ def test_mid_stream_failure_is_an_error_event_then_done(gw):
             assert errors[0]["message"] == "boom" and errors[0]["type"] == "server_error"
     with pytest.raises(openai.APIError, match="closed the stream before it finished"):
         list(client(gw).chat.completions.create(model=MODEL, messages=say("truncate"), stream=True))
+
+
+def test_stream_stalled_mid_body_is_a_timeout_event_and_aborts(engine):
+    fake, engine_url = engine
+    with gateway(engine_url, upstream_timeout_s=0.5) as url:
+        events = sse_payloads(url, "stall-mid-stream")
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "upstream_timeout"
+        assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[1:-2]] == [
+            "t0 ",
+            "t1 ",
+        ]
+        rid = fake.bodies[-1]["rid"]
+        wait_for(lambda: rid in fake.aborts)
 
 
 # --- admission --------------------------------------------------------------------------

@@ -424,6 +424,14 @@ def test_engine_metrics_are_summed_and_reexported():
     assert m.registry.get_sample_value("raas_engine_running_requests") is None
 
 
+def test_unparsable_engine_metrics_count_as_unavailable():
+    m = GatewayMetrics(bytes_per_kv_token=10)
+    m.engine.update(ENGINE_METRICS)
+    m.engine.update('sglang:kv_used_tokens{\x8b\x08"} 1\n')  # e.g. a gzip body read as text
+    assert m.registry.get_sample_value("raas_engine_up") == 0.0
+    assert m.registry.get_sample_value("raas_engine_kv_used_bytes") is None
+
+
 def test_kv_metrics_by_policy():
     m = GatewayMetrics(bytes_per_kv_token=100)
     eff = EffectivePolicy(name="raas", budget_tokens=256, alpha=0.1)
