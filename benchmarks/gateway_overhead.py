@@ -652,7 +652,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "machine": platform.machine(),
                 **{
                     name: package_version(name)
-                    for name in ("sglang", "torch", "fastapi", "uvicorn", "uvloop", "httpx")
+                    for name in (
+                        "sglang",
+                        "torch",
+                        "fastapi",
+                        "uvicorn",
+                        "uvloop",
+                        "httptools",
+                        "aiohttp",
+                        "httpx",
+                    )
                 },
             },
             "config": {
