@@ -45,11 +45,13 @@ sglang:kv_used_tokens{tp_rank="0"} 64.0
 
 class FakeEngine:
     """Scripted by the last user message: `slow:<s>`, `drip:<s>`, `die-mid-stream`,
-    `truncate`, `error-event`, `bad-request`, `report-kv`."""
+    `truncate`, `stall-mid-stream`, `linger`, `error-event`, `bad-request`, `report-kv`."""
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
         self.aborts: list[str] = []
+        # The gateway's connection (its client port) each chat request came in on.
+        self.chat_ports: list[int] = []
         self.app = FastAPI()
         self.app.post("/v1/chat/completions")(self.chat)
         self.app.post("/abort_request")(self.abort)
@@ -63,6 +65,7 @@ class FakeEngine:
     async def chat(self, request: Request):
         body = await request.json()
         self.bodies.append(body)
+        self.chat_ports.append(request.client.port if request.client else -1)
         script = body["messages"][-1]["content"]
         if script == "bad-request":
             return JSONResponse(
@@ -151,6 +154,8 @@ class FakeEngine:
             }
             yield f"data: {json.dumps(final)}\n\n"
         yield "data: [DONE]\n\n"
+        if script == "linger":
+            await asyncio.sleep(0.05)  # the body's end arrives in a later read than [DONE]
 
 
 @pytest.fixture(scope="module")
@@ -276,6 +281,19 @@ def sse_payloads(url: str, script: str) -> list[str]:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         return [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+
+
+def test_finished_streams_hand_their_upstream_connection_back(engine):
+    """A relayed stream that ended with [DONE] must leave its connection reusable: a new
+    connection per stream costs a TCP handshake on every request."""
+    fake, engine_url = engine
+    # A fresh gateway: its pool holds nothing from other tests' aborted streams.
+    with gateway(engine_url) as url:
+        first = len(fake.chat_ports)
+        for _ in range(6):
+            assert sse_payloads(url, "linger")[-1] == "[DONE]"
+        # Two at most: a health probe may hold the pooled one while a stream starts.
+        assert len(set(fake.chat_ports[first:])) <= 2
 
 
 def test_stream_without_usage_hides_the_usage_chunk_and_ends_with_done(gw):
