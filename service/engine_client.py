@@ -29,6 +29,12 @@ READ_BUFSIZE = 1 << 16
 # After `[DONE]` the engine ends the body at once; a keep-alive connection is worth a
 # short wait for that, not more.
 DRAIN_TIMEOUT_S = 0.2
+# aiohttp's read timeout starts once the body is written; this bounds the writing, for
+# an engine that accepts a connection and then stops reading.
+WRITE_TIMEOUT_S = 30.0
+# Idle pooled connections are dropped before the engine's server would close them
+# (uvicorn: 5 s), so that a request never goes out on a connection being closed.
+KEEPALIVE_S = 4.0
 
 
 class Health(StrEnum):
@@ -127,6 +133,8 @@ class EngineClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.read_timeout_s = read_timeout_s
+        # Until the response headers: writing the body, then the engine's silence.
+        self._until_headers_s = WRITE_TIMEOUT_S + read_timeout_s
         self._timeout = aiohttp.ClientTimeout(
             total=None,
             connect=connect_timeout_s,  # includes waiting for a pooled connection
@@ -135,7 +143,9 @@ class EngineClient:
         )
         self._metrics_timeout = aiohttp.ClientTimeout(total=metrics_timeout_s)
         self._http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0),
+            connector=aiohttp.TCPConnector(
+                limit=max_connections, limit_per_host=0, keepalive_timeout=KEEPALIVE_S
+            ),
             timeout=self._timeout,
             # Loopback traffic must never be routed through a proxy from the environment.
             trust_env=False,
@@ -152,7 +162,10 @@ class EngineClient:
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """Non-streaming chat completion; returns SGLang's JSON response."""
         try:
-            async with self._http.post(self._url(CHAT_PATH), json=body) as resp:
+            async with (
+                asyncio.timeout(self._until_headers_s),
+                self._http.post(self._url(CHAT_PATH), json=body, allow_redirects=False) as resp,
+            ):
                 raw = await resp.read()
                 status = resp.status
         except TRANSPORT_ERRORS as exc:
@@ -173,7 +186,8 @@ class EngineClient:
         The caller owns the returned stream and must `aclose()` it.
         """
         try:
-            resp = await self._http.post(self._url(CHAT_PATH), json=body)
+            async with asyncio.timeout(self._until_headers_s):
+                resp = await self._http.post(self._url(CHAT_PATH), json=body, allow_redirects=False)
         except TRANSPORT_ERRORS as exc:
             raise _translate(exc) from exc
         if resp.status != 200:
@@ -193,6 +207,7 @@ class EngineClient:
                 self._url("/abort_request"),
                 json={"rid": rid},
                 timeout=aiohttp.ClientTimeout(total=ABORT_TIMEOUT_S),
+                allow_redirects=False,
             ) as resp:
                 await resp.read()
                 return resp.status == 200
@@ -203,11 +218,20 @@ class EngineClient:
     async def probe(self, timeout_s: float) -> Health:
         """SGLang's /health runs a one-token generation and takes a second or more; a
         busy engine may answer late, which is not the same as a dead one."""
+        # Only a socket that will not connect means down. Waiting for a pooled
+        # connection (every one busy with a stream) or for the answer means slow: the
+        # outer timeout, not aiohttp's `connect` (which would include the pool wait).
         timeout = aiohttp.ClientTimeout(
-            total=None, connect=timeout_s, sock_connect=timeout_s, sock_read=timeout_s
+            total=None, connect=None, sock_connect=timeout_s, sock_read=timeout_s
         )
         try:
-            async with self._http.get(self._url("/health"), timeout=timeout) as resp:
+            # Connecting and answering may each take `timeout_s`.
+            async with (
+                asyncio.timeout(2 * timeout_s),
+                self._http.get(
+                    self._url("/health"), timeout=timeout, allow_redirects=False
+                ) as resp,
+            ):
                 await resp.read()
                 return Health.OK if resp.status == 200 else Health.DOWN
         except aiohttp.ConnectionTimeoutError:
@@ -220,7 +244,9 @@ class EngineClient:
     async def metrics_text(self) -> str | None:
         """SGLang's Prometheus exposition (needs --enable-metrics); None when unreachable."""
         try:
-            async with self._http.get(self._url("/metrics"), timeout=self._metrics_timeout) as resp:
+            async with self._http.get(
+                self._url("/metrics"), timeout=self._metrics_timeout, allow_redirects=False
+            ) as resp:
                 raw = await resp.read()
                 status = resp.status
         except TRANSPORT_ERRORS:

@@ -28,11 +28,15 @@ class HttpMetricsMiddleware:
             return
         started = time.monotonic()
         status = 500
+        request_id: str | None = None
 
         async def send_wrapper(message: Message) -> None:
-            nonlocal status
+            nonlocal status, request_id
             if message["type"] == "http.response.start":
                 status = message["status"]
+                for name, value in message.get("headers") or ():
+                    if name.lower() == b"x-request-id":
+                        request_id = value.decode("latin-1")
             await send(message)
 
         try:
@@ -46,9 +50,12 @@ class HttpMetricsMiddleware:
                 "http.request",
                 method=scope["method"],
                 path=scope["path"],
+                query=scope.get("query_string", b"").decode("latin-1") or None,
+                http_version=scope.get("http_version"),
                 status=status,
                 ms=round((time.monotonic() - started) * 1000, 2),
                 client=f"{client[0]}:{client[1]}" if client else None,
+                request_id=request_id,
             )
 
 

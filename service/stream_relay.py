@@ -38,9 +38,11 @@ def sse_raw(payload: bytes) -> bytes:
 
 
 # SGLang serializes chunks compactly (pydantic's model_dump_json), so a token chunk says
-# `"usage":null`. A JSON string value cannot contain an unescaped quote, so these byte
-# patterns only ever match keys and bare values: a chunk without them needs no parsing.
-# Any other serialization only costs a parse per chunk, never a wrong answer.
+# `"usage":null`. A chunk is parsed when it may carry an error or a usage object: when it
+# holds `"error"`, or more `"usage"` than `"usage":null`. Text inside a string value
+# can only add to the first count (its quotes are escaped, so `"usage":null` cannot
+# appear in it whole), which costs a parse, never a missed usage chunk; the same holds
+# for any other serialization.
 _ERROR_KEY = b'"error"'
 _USAGE_KEY = b'"usage"'
 _NO_USAGE = b'"usage":null'
@@ -149,7 +151,7 @@ class StreamRelay:
         return (
             self.result.first_token_at is None
             or _ERROR_KEY in data
-            or (_USAGE_KEY in data and _NO_USAGE not in data)
+            or data.count(_USAGE_KEY) != data.count(_NO_USAGE)
         )
 
     def _on_chunk(self, data: bytes) -> bytes | None:

@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from service.app import create_app
+from service.engine_client import EngineClient, Health
 from service.graceful_drain import DrainingServer
 from service.settings import Settings
 from tests.support.gateway_server import serve_app, wait_ready
@@ -155,7 +156,7 @@ class FakeEngine:
             yield f"data: {json.dumps(final)}\n\n"
         yield "data: [DONE]\n\n"
         if script == "linger":
-            await asyncio.sleep(0.05)  # the body's end arrives in a later read than [DONE]
+            await asyncio.sleep(0.01)  # the body's end arrives in a later read than [DONE]
 
 
 @pytest.fixture(scope="module")
@@ -292,8 +293,10 @@ def test_finished_streams_hand_their_upstream_connection_back(engine):
         first = len(fake.chat_ports)
         for _ in range(6):
             assert sse_payloads(url, "linger")[-1] == "[DONE]"
-        # Two at most: a health probe may hold the pooled one while a stream starts.
-        assert len(set(fake.chat_ports[first:])) <= 2
+        # Without the hand-back: 6. A health probe may hold the pooled connection as a
+        # stream starts, and on a loaded machine a drain may time out (0.2 s): a few.
+        ports = fake.chat_ports[first:]
+        assert len(set(ports)) <= 3, ports
 
 
 def test_stream_without_usage_hides_the_usage_chunk_and_ends_with_done(gw):
@@ -413,6 +416,38 @@ def test_key_budget_cap_applies(engine, tmp_path):
             c.chat.completions.create(
                 model=MODEL, messages=say("x"), extra_body={"kv_policy": {"budget_tokens": 256}}
             )
+
+
+def test_probe_tells_a_busy_pool_from_a_dead_engine(engine):
+    """Waiting for a pooled connection (all held by streams) is a slow engine, not a dead
+    one: a DOWN here would make the embedded supervisor restart a healthy engine."""
+    _, engine_url = engine
+
+    async def scenario() -> tuple[Health, Health, Health]:
+        client = EngineClient(engine_url, connect_timeout_s=1, read_timeout_s=30, max_connections=1)
+        try:
+            idle = await client.probe(1.0)
+            body = {"model": MODEL, "messages": say("drip:0.05"), "stream": True}
+            stream = await client.open_stream(body)
+            try:
+                busy = await client.probe(0.3)
+            finally:
+                await stream.aclose()
+        finally:
+            await client.aclose()
+        dead = EngineClient(
+            f"http://127.0.0.1:{free_port()}",
+            connect_timeout_s=1,
+            read_timeout_s=30,
+            max_connections=1,
+        )
+        try:
+            down = await dead.probe(0.3)
+        finally:
+            await dead.aclose()
+        return idle, busy, down
+
+    assert asyncio.run(scenario()) == (Health.OK, Health.SLOW, Health.DOWN)
 
 
 def test_engine_down_is_503_and_not_ready():
@@ -661,6 +696,14 @@ def test_openapi_references_all_resolve(gw):
         for part in ref[2:].split("/"):
             assert isinstance(target, dict) and part in target, f"unresolvable {ref}"
             target = target[part]
-    chat = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]
-    options = chat["application/json"]["schema"]["properties"]["stream_options"]
-    assert "include_usage" in json.dumps(options)
+    operation = doc["paths"]["/v1/chat/completions"]["post"]
+    options = operation["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert "include_usage" in json.dumps(options["stream_options"])
+    # Every error status the route can answer is documented, in OpenAI's error shape.
+    documented = operation["responses"]
+    assert set(documented) == {"200", "400", "401", "404", "413", "422", "429", "503", "504"}
+    error_schema = documented["429"]["content"]["application/json"]["schema"]["$ref"]
+    assert set(doc["components"]["schemas"][error_schema.rsplit("/", 1)[1]]["properties"]) == {
+        "error"
+    }
+    assert [p["name"] for p in operation["parameters"]] == ["authorization"]

@@ -24,7 +24,7 @@ from service.settings import Settings
 configure_logging("info", json_logs=True)
 app = create_app(Settings(engine_mode="remote", engine_url="http://127.0.0.1:9"))
 with TestClient(app) as client:
-    assert client.get("/health/live").status_code == 200
+    assert client.get("/health/live?probe=1").status_code == 200
     assert client.post("/v1/chat/completions", content=b"{").status_code == 422
 logging.getLogger("uvicorn.error").info("from the standard library")
 structlog.get_logger("test").debug("below the level")
@@ -54,6 +54,8 @@ def test_logs_are_json_lines_with_an_access_line_per_request():
         ("POST", "/v1/chat/completions", 422),
     ]
     assert all(a["logger"] == "service.access" and a["ms"] >= 0 for a in access)
+    assert [a["query"] for a in access] == ["probe=1", None]
+    assert all(a["http_version"] == "1.1" for a in access)
     assert any(
         line["event"] == "gateway.started" and line["logger"] == "service.app" for line in lines
     )

@@ -132,3 +132,14 @@ def test_a_burst_is_relayed_as_one_write_and_done_ends_it():
     events, relay = relay_all(Lines(lines, one_read=True))
     assert events == [b"".join(b"data: " + t + b"\n\n" for t in tokens), b"data: [DONE]\n\n"]
     assert relay.result.outcome == "success"
+
+
+def test_a_usage_object_is_found_even_beside_a_nested_null_usage():
+    usage = {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}
+    final = json.dumps(
+        {"choices": [], "usage": usage, "extra": {"usage": None}}, separators=(",", ":")
+    ).encode()
+    upstream = Lines([b"data: " + chunk("a"), b"data: " + final, b"data: [DONE]"])
+    events, relay = relay_all(upstream, include_usage=False)
+    assert events == [b"data: " + chunk("a") + b"\n\n", b"data: [DONE]\n\n"]
+    assert relay.result.kv is not None and relay.result.usage is not None

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 
 from service.chat_service import ChatService
 from service.deps import caller_key, read_chat_body
+from service.errors import ErrorBody
 from service.schemas import ChatCompletionRequest
 
 router = APIRouter(tags=["chat"])
@@ -54,7 +55,23 @@ _OPENAPI = {
 }
 
 
-@router.post("/v1/chat/completions", response_model=None, openapi_extra=_OPENAPI)
+# Every error is OpenAI's `{"error": {...}}` (service/errors.py).
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in (
+        (400, "An invalid field value (`param` names it)"),
+        (401, "Missing or unknown API key"),
+        (404, "Unknown model"),
+        (413, "Request body too large"),
+        (422, "Body is not valid JSON or does not match the schema"),
+        (429, "Admission queue full, queue timeout or per-key limit; see Retry-After"),
+        (503, "Engine down, starting or restarting, or the gateway draining"),
+        (504, "The engine stayed silent past the upstream timeout"),
+    )
+}
+
+
+@router.post("/v1/chat/completions", response_model=None, responses=_ERRORS, openapi_extra=_OPENAPI)
 async def create_chat_completion(request: Request) -> Response:
     """OpenAI chat completions plus the `kv_policy` extension (see docs/api.md)."""
     # The hot path: auth and body are checked inline rather than through FastAPI
