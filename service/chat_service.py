@@ -180,6 +180,8 @@ class ChatService:
             ticket = self._admission.try_acquire(key_id, key_limit)
             if ticket is not None:
                 return ticket
+            # `acquire` tries again before it queues: a slot freed before its task runs
+            # must be taken, not waited for.
             return await self._until_disconnect(request, self._admission.acquire(key_id, key_limit))
         except AdmissionRejected as exc:
             self._metrics.admission_rejections.labels(exc.reason.value).inc()

@@ -135,7 +135,7 @@ class EngineClient:
         self.read_timeout_s = read_timeout_s
         # Until the response headers: writing the body, then the engine's silence.
         self._until_headers_s = WRITE_TIMEOUT_S + read_timeout_s
-        self._timeout = aiohttp.ClientTimeout(
+        timeout = aiohttp.ClientTimeout(
             total=None,
             connect=connect_timeout_s,  # includes waiting for a pooled connection
             sock_connect=connect_timeout_s,
@@ -146,7 +146,7 @@ class EngineClient:
             connector=aiohttp.TCPConnector(
                 limit=max_connections, limit_per_host=0, keepalive_timeout=KEEPALIVE_S
             ),
-            timeout=self._timeout,
+            timeout=timeout,
             # Loopback traffic must never be routed through a proxy from the environment.
             trust_env=False,
             read_bufsize=READ_BUFSIZE,

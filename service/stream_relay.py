@@ -29,12 +29,12 @@ from service.kv_policy import EffectivePolicy, KvCacheUsage
 DONE = b"data: [DONE]\n\n"
 
 
-def sse(payload: str) -> bytes:
-    return f"data: {payload}\n\n".encode()
-
-
 def sse_raw(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
+
+
+def sse(payload: str) -> bytes:
+    return sse_raw(payload.encode())
 
 
 # SGLang serializes chunks compactly (pydantic's model_dump_json), so a token chunk says
