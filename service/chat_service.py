@@ -5,13 +5,11 @@ record. Routes stay thin; everything a request goes through is readable here in 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 import uuid
-from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from fastapi import Request
@@ -20,7 +18,14 @@ from fastapi.responses import JSONResponse, Response
 from service import chat_request, errors, kv_policy
 from service.admission import AdmissionController, AdmissionRejected, Ticket
 from service.api_keys import ApiKey
-from service.engine_client import EngineClient, EngineHTTPError, EngineTimeout, EngineUnavailable
+from service.disconnect_guard import ClientDisconnected, until_disconnect
+from service.engine_client import (
+    EngineClient,
+    EngineHTTPError,
+    EngineStream,
+    EngineTimeout,
+    EngineUnavailable,
+)
 from service.engine_supervisor import EngineMonitor
 from service.graceful_drain import Drain
 from service.kv_policy import EffectivePolicy, KvCacheUsage, PolicyLimits
@@ -31,14 +36,9 @@ from service.stream_relay import RelayResponse, StreamRelay
 
 log = structlog.get_logger(__name__)
 
-T = TypeVar("T")
 # nginx's code for "client closed request": nobody reads it, but logs and metrics do.
 CLIENT_CLOSED = 499
 UNRESOLVED = "unresolved"
-
-
-class ClientDisconnected(Exception):
-    pass
 
 
 @dataclass
@@ -119,7 +119,9 @@ class ChatService:
         handed_off = False
         try:
             if stream:
-                upstream = await self._until_disconnect(request, self._engine.open_stream(body))
+                upstream = await until_disconnect(
+                    request, self._engine.open_stream(body), on_orphan=EngineStream.close
+                )
                 relay = StreamRelay(
                     upstream,
                     policy,
@@ -129,7 +131,7 @@ class ChatService:
                 # From here the relay owns the ticket and releases it when the stream ends.
                 handed_off = True
                 return RelayResponse(relay, headers=headers)
-            data = await self._until_disconnect(request, self._engine.chat(body))
+            data = await until_disconnect(request, self._engine.chat(body))
         except ClientDisconnected:
             self._abort(call, "client_disconnected")
             self._outcome(call, "client_disconnected")
@@ -182,7 +184,7 @@ class ChatService:
                 return ticket
             # `acquire` tries again before it queues: a slot freed before its task runs
             # must be taken, not waited for.
-            return await self._until_disconnect(request, self._admission.acquire(key_id, key_limit))
+            return await until_disconnect(request, self._admission.acquire(key_id, key_limit))
         except AdmissionRejected as exc:
             self._metrics.admission_rejections.labels(exc.reason.value).inc()
             self._outcome(call, "rejected")
@@ -194,24 +196,6 @@ class ChatService:
             raise errors.OpenAIError(
                 CLIENT_CLOSED, "Client closed the request", code="client_closed"
             ) from None
-
-    async def _until_disconnect(self, request: Request, work: Awaitable[T]) -> T:
-        """Await `work`, but give up (and cancel it) as soon as the client goes away."""
-        task = asyncio.ensure_future(work)
-        watcher = asyncio.ensure_future(_wait_disconnect(request))
-        try:
-            await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        finally:
-            watcher.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
-        raise ClientDisconnected
 
     async def _stream_done(self, call: Call, relay: StreamRelay, disconnected: bool) -> None:
         if call.ticket is not None:
@@ -264,12 +248,3 @@ class ChatService:
 
     def _outcome(self, call: Call, outcome: str) -> None:
         self._metrics.record_outcome(policy=call.policy.name, stream=call.stream, outcome=outcome)
-
-
-async def _wait_disconnect(request: Request) -> None:
-    # The body has been read, so the server's receive() blocks until the client goes away.
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-        await asyncio.sleep(0.05)  # never spin if a server hands out empty body messages

@@ -117,6 +117,10 @@ class EngineStream:
                 pass
         self._response.release()
 
+    def close(self) -> None:
+        """Drop the connection now (a stream nobody will read: no drain, no reuse)."""
+        self._response.close()
+
 
 class EngineClient:
     """One pooled aiohttp session per gateway. Create it inside the running event loop
