@@ -134,11 +134,12 @@ class EngineClient:
         read_timeout_s: float,
         max_connections: int,
         metrics_timeout_s: float = 2.0,
+        write_timeout_s: float = WRITE_TIMEOUT_S,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.read_timeout_s = read_timeout_s
         # Until the response headers: writing the body, then the engine's silence.
-        self._until_headers_s = WRITE_TIMEOUT_S + read_timeout_s
+        self._until_headers_s = write_timeout_s + read_timeout_s
         timeout = aiohttp.ClientTimeout(
             total=None,
             connect=connect_timeout_s,  # includes waiting for a pooled connection
