@@ -4,8 +4,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from service.chat_input import caller_key, read_chat_body
 from service.chat_service import ChatService
-from service.deps import caller_key, read_chat_body
 from service.errors import ErrorBody
 from service.schemas import ChatCompletionRequest
 
