@@ -18,7 +18,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -26,11 +25,8 @@ import openai
 import pytest
 import yaml
 
-from service.app import create_app
-from service.settings import Settings
-from tests.support.gateway_server import serve_app, wait_ready
-from tests.support.sglang_server import free_port, sglang_server, stop_process_group
-from tests.support.tiny_model import make_tiny_model
+from tests.support.sglang_server import free_port, stop_process_group
+from tests.support.tiny_gateway import tiny_engine_gateway
 from tests.test_deploy_manifests import (
     PROMETHEUS,
     alert_rules,
@@ -65,36 +61,15 @@ def need_binary(name: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def engine(bundled_model_path, tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    model = make_tiny_model(Path(bundled_model_path), tmp_path_factory.mktemp("tiny"))
-    with sglang_server(
-        str(model),
-        dtype="float32",
-        attention_backend="raas",
-        max_total_tokens=4096,
-        extra_args=("--load-format", "dummy", "--served-model-name", MODEL),
-    ) as srv:
-        yield srv.url, model
-
-
-@pytest.fixture(scope="module")
-def gateway(engine) -> Iterator[str]:
-    engine_url, model = engine
-    settings = Settings(
-        engine_mode="remote",
-        engine_url=engine_url,
+def gateway(bundled_model_path, tmp_path_factory) -> Iterator[str]:
+    with tiny_engine_gateway(
+        bundled_model_path,
+        tmp_path_factory.mktemp("tiny"),
         model_name=MODEL,
-        # Read for config.json only: bytes per KV token feed the *_bytes metrics.
-        model_path=str(model),
-        engine_health_interval_s=0.5,
         # Tiny admission limits, so that a burst of four requests meets 429s.
         max_in_flight=2,
         max_queue=0,
-        api_keys=None,
-        api_keys_file=None,
-    )
-    with serve_app(create_app(settings)) as url:
-        wait_ready(url, timeout_s=60)
+    ) as url:
         yield url
 
 
