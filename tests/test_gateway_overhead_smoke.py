@@ -90,6 +90,10 @@ def test_throughput_blocks_and_ratios(results):
         # The gateway process serves the gateway blocks, and only they cost it real CPU.
         assert positive(lvl["arms"]["gateway"]["gateway_cpu_ms_per_request"])
         assert positive(lvl["ratio_requests_per_s"]) and positive(lvl["ratio_output_tokens_per_s"])
+        # One round: one paired ratio, which is the paired estimate; no interval from one.
+        assert len(lvl["paired_ratios"]) == lvl["rounds"] == 1
+        assert lvl["ratio_paired"] == pytest.approx(lvl["paired_ratios"][0])
+        assert lvl["ratio_paired_ci95"] is None
 
 
 def test_targets_are_judged_and_printed(results):

@@ -1,0 +1,61 @@
+"""The gateway benchmark's throughput statistics without servers: rounds paired block by
+block, and the interval around their geometric mean."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.support.bench_script import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark("gateway_overhead")
+
+
+def block(bench, arm: str, wall_s: float, tokens: int = 1000):
+    return bench.Block(arm, wall_s, 10, tokens, 0.0, 0.0)
+
+
+def test_each_round_pairs_its_own_two_blocks_whatever_their_order(bench):
+    blocks = [
+        block(bench, "direct", 10.0),
+        block(bench, "gateway", 12.5),  # round 0: 0.8
+        block(bench, "gateway", 20.0),
+        block(bench, "direct", 19.0),  # round 1, engine slower: 0.95
+    ]
+    assert bench.paired_ratios(blocks) == pytest.approx([0.8, 0.95])
+
+
+def test_a_constant_cost_under_a_drifting_engine_is_recovered_exactly(bench):
+    """The engine halves its speed every other round; the gateway costs 2 % in each: every
+    round says 0.98, so does the mean, and the interval has no width."""
+    blocks = []
+    for r, speed in enumerate((1.0, 0.5, 1.0, 0.5)):
+        arms = [("direct", 10 / speed), ("gateway", 10 / speed / 0.98)]
+        for arm, wall in arms if r % 2 == 0 else arms[::-1]:
+            blocks.append(block(bench, arm, wall))
+    point, lo, hi = bench.geometric_mean_ci(bench.paired_ratios(blocks))
+    assert point == pytest.approx(0.98)
+    assert lo == pytest.approx(0.98) and hi == pytest.approx(0.98)
+
+
+def test_interval_widens_with_noise_and_contains_the_mean(bench):
+    ratios = [0.90, 1.00, 0.97, 0.93, 1.02, 0.95, 0.99, 0.94]
+    point, lo, hi = bench.geometric_mean_ci(ratios)
+    assert point == pytest.approx(math.exp(sum(map(math.log, ratios)) / len(ratios)))
+    assert lo < point < hi
+    assert min(ratios) <= lo and hi <= max(ratios)
+    tight = bench.geometric_mean_ci([0.96, 0.961, 0.959, 0.96, 0.96])
+    assert tight[2] - tight[1] < (hi - lo) / 10
+
+
+def test_too_few_rounds_give_no_interval(bench):
+    assert bench.geometric_mean_ci([0.9, 1.0])[1:] == (None, None)
+
+
+def test_a_round_missing_an_arm_is_an_error(bench):
+    with pytest.raises(ValueError, match="round 0"):
+        bench.paired_ratios([block(bench, "direct", 1.0), block(bench, "direct", 1.0)])
