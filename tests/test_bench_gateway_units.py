@@ -59,3 +59,31 @@ def test_too_few_rounds_give_no_interval(bench):
 def test_a_round_missing_an_arm_is_an_error(bench):
     with pytest.raises(ValueError, match="round 0"):
         bench.paired_ratios([block(bench, "direct", 1.0), block(bench, "direct", 1.0)])
+
+
+def test_median_interval_covers_the_median_and_narrows_with_more_pairs(bench):
+    import random
+
+    rng = random.Random(1)
+    few = [0.003 + rng.gauss(0, 0.01) for _ in range(50)]
+    many = [0.003 + rng.gauss(0, 0.01) for _ in range(2000)]
+    for diffs in (few, many):
+        lo, hi = bench.median_ci_ms(diffs)
+        assert lo <= 1000 * bench.percentile(diffs, 50) <= hi
+    wide, narrow = bench.median_ci_ms(few), bench.median_ci_ms(many)
+    assert narrow[1] - narrow[0] < (wide[1] - wide[0]) / 3
+    assert bench.median_ci_ms([0.001, 0.002]) is None
+
+
+def test_a_target_is_resolved_only_when_its_interval_is_on_one_side(bench):
+    def at_most_2(x: float) -> bool:
+        return x <= 2.0
+
+    clear = bench.target_row("t", 1.2, [0.8, 1.6], at_most_2)
+    spans = bench.target_row("t", 1.2, [0.4, 3.1], at_most_2)
+    missed = bench.target_row("t", 4.6, [3.5, 5.2], at_most_2)
+    bare = bench.target_row("t", 1.2, None, at_most_2)
+    assert (clear["met"], clear["resolved"]) == (True, True)
+    assert (spans["met"], spans["resolved"]) == (True, False)
+    assert (missed["met"], missed["resolved"]) == (False, True)
+    assert (bare["met"], bare["resolved"], bare["ci95"]) == (True, False, None)

@@ -65,6 +65,9 @@ def test_latency_has_both_arms_and_the_overhead(results):
         for arm in ARMS:
             assert_quantiles(res["e2e_ms"][arm])
         assert_quantiles(res["overhead_e2e_ms"], signed=True)
+        assert len(res["overhead_e2e_pairs_ms"]) == 4
+        lo, hi = res["overhead_e2e_p50_ci95_ms"]
+        assert lo <= res["overhead_e2e_ms"]["p50"] <= hi
         if mode == "stream":
             for arm in ARMS:
                 assert_quantiles(res["ttft_ms"][arm])
@@ -101,5 +104,6 @@ def test_targets_are_judged_and_printed(results):
     assert len(data["targets"]) == 3 + len(data["throughput"])
     for row in data["targets"]:
         assert isinstance(row["met"], bool) and finite(row["measured"])
+        assert isinstance(row["resolved"], bool)
         assert row["target"] in table
     assert "gw/direct" in table
