@@ -7,7 +7,7 @@ STAMP := $(VENV)/.raas-installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
 
-.PHONY: install prepare-model serve test test-fast soak loadtest lint format bench-cpu fidelity clean
+.PHONY: install prepare-model serve test test-fast soak loadtest lint format bench-cpu bench-gateway fidelity clean
 
 install: $(STAMP)
 
@@ -66,6 +66,11 @@ soak: prepare-model
 BENCH_CPU_ARGS ?= --concurrency 1 8 --max-len 8192 --budgets 512 1024
 bench-cpu: prepare-model
 	$(BIN)/python benchmarks/cpu_decode.py $(BENCH_CPU_ARGS) --out docs/results/cpu_decode.json
+
+# The gateway overhead benchmark of docs/benchmarks.md (about 12 minutes on 2 cores).
+bench-gateway: prepare-model
+	$(BIN)/python benchmarks/gateway_overhead.py $(BENCH_GATEWAY_ARGS) \
+		--out docs/results/gateway_overhead.json
 
 lint: install
 	$(BIN)/ruff check .
