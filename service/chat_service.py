@@ -183,8 +183,11 @@ class ChatService:
             if ticket is not None:
                 return ticket
             # `acquire` tries again before it queues: a slot freed before its task runs
-            # must be taken, not waited for.
-            return await until_disconnect(request, self._admission.acquire(key_id, key_limit))
+            # must be taken, not waited for. A ticket won just as this request is
+            # cancelled would hold its slot forever: it is released.
+            return await until_disconnect(
+                request, self._admission.acquire(key_id, key_limit), on_orphan=Ticket.release
+            )
         except AdmissionRejected as exc:
             self._metrics.admission_rejections.labels(exc.reason.value).inc()
             self._outcome(call, "rejected")

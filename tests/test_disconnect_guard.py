@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from service.admission import AdmissionController, Ticket
 from service.disconnect_guard import ClientDisconnected, until_disconnect
 
 
@@ -141,3 +142,28 @@ def test_a_failing_cleanup_is_logged_not_raised() -> None:
         return loop_errors
 
     assert run(main()) == []
+
+
+def test_an_admission_slot_won_as_the_caller_is_cancelled_is_released() -> None:
+    """The chat service's use: a queued request is handed a slot in the loop iteration
+    where it is cancelled; with `Ticket.release` as `on_orphan` the slot is not lost."""
+
+    async def main() -> tuple[int, int]:
+        admission = AdmissionController(max_in_flight=1, max_queue=4, queue_timeout_s=10)
+        holder = admission.try_acquire()
+        assert holder is not None
+        queued = asyncio.ensure_future(admission.acquire())
+        guarded = asyncio.ensure_future(
+            until_disconnect(FakeRequest(), queued, on_orphan=Ticket.release)  # type: ignore[arg-type]
+        )
+        await asyncio.sleep(0.01)
+        holder.release()  # the slot moves to the queued request
+        while not queued.done():
+            await asyncio.sleep(0)
+        guarded.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await guarded
+        await asyncio.sleep(0)
+        return admission.in_flight, admission.queued
+
+    assert run(main()) == (0, 0)
