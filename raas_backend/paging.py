@@ -68,8 +68,15 @@ class PageTable:
         self.seq_len += 1
         if opens_page:
             self.retained.append(self.num_pages - 1)
-        self.peak_retained_tokens = max(self.peak_retained_tokens, self.retained_tokens)
         return opens_page
+
+    def record_peak(self) -> None:
+        """Fold what is held now into the peak: call once a step's eviction is done.
+
+        The engine frees the victims before it allocates the new token's slot, so the
+        count between `append_token` and `evict` (budget + 1) is never held at once.
+        """
+        self.peak_retained_tokens = max(self.peak_retained_tokens, self.retained_tokens)
 
     def evict(self, pages: list[int]) -> list[int]:
         """Drop pages from the table; returns the positions whose slots must be freed."""

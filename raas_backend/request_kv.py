@@ -28,6 +28,27 @@ class RequestKV:
         self._layers = 0
         self.pages: list[int] = []
 
+    @classmethod
+    def resumed(cls, prior: RequestKV, kv_len: int) -> RequestKV:
+        """The state of a retracted request once SGLang has re-prefilled its history.
+
+        The re-prefill recomputed every position, so the row holds all `kv_len` of them.
+        The prompt stays the original one and the generated positions count as decode
+        pages again, so the next `begin_step` evicts them down to the budget instead of
+        keeping the whole history as a prompt. Page scores start afresh (the re-prefill
+        did not score pages); evicted pages and the peak carry over.
+        """
+        prompt_len = prior.table.prompt_len
+        if kv_len < prompt_len:
+            raise ValueError(f"kv length {kv_len} is shorter than the prompt {prompt_len}")
+        kv = cls(prior.config, prompt_len=prompt_len)
+        for _ in range(kv_len - prompt_len):
+            kv.step += 1
+            kv.policy.on_token(kv.step)
+        kv.table.evicted_pages = prior.table.evicted_pages
+        kv.table.peak_retained_tokens = max(prior.table.peak_retained_tokens, kv_len)
+        return kv
+
     @property
     def table(self):
         return self.policy.table
@@ -51,6 +72,7 @@ class RequestKV:
         self.policy.on_token(self.step)
         victims = self.policy.victims()
         freed = self.table.evict(victims) if victims else []
+        self.table.record_peak()
         # Quest chooses its pages per layer, from that layer's query (select_for_layer).
         self.pages = (
             list(self.table.retained) if self.selects_per_layer else self.policy.attended_pages()

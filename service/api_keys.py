@@ -178,7 +178,29 @@ def _model(data: Any, where: str) -> ApiKey:
         raise ApiKeyError(f"{where}: {loc}: {first['msg']}") from exc
 
 
-def load_key_store(path: Path | None, env_keys: SecretStr | None) -> KeyStore:
+def check_budget_range(keys: Iterable[ApiKey], lo: int, hi: int) -> None:
+    """Every key's budgets must lie in the server's [lo, hi]: a cap under the server's
+    minimum would be widened to it silently, and a default outside the range would turn
+    every request that sets no budget into an error."""
+    for key in keys:
+        for field, value in (
+            ("max_budget_tokens", key.max_budget_tokens),
+            ("default_budget_tokens", key.default_budget_tokens),
+        ):
+            if value is not None and not lo <= value <= hi:
+                raise ApiKeyError(
+                    f"API key {key.label!r}: {field}={value} is outside the server's "
+                    f"budget range [{lo}, {hi}] (RAAS_KV_MIN_BUDGET_TOKENS, "
+                    f"RAAS_KV_MAX_BUDGET_TOKENS)"
+                )
+
+
+def load_key_store(
+    path: Path | None,
+    env_keys: SecretStr | None,
+    budget_range: tuple[int, int] | None = None,
+) -> KeyStore:
+    """The keys from the file and the secret; with `budget_range`, checked against it."""
     keys: list[ApiKey] = []
     if path is not None:
         try:
@@ -191,4 +213,6 @@ def load_key_store(path: Path | None, env_keys: SecretStr | None) -> KeyStore:
         keys.extend(
             ApiKey(key=SecretStr(t), name=f"env-{i}") for i, t in enumerate(tokens, start=1)
         )
+    if budget_range is not None:
+        check_budget_range(keys, *budget_range)
     return KeyStore(keys)

@@ -48,7 +48,11 @@ def _bytes_per_token(settings: Settings, model_dir: Path | None) -> int | None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     # Read keys now, not in the lifespan: a broken keys file should stop start-up loudly.
-    key_store = load_key_store(settings.api_keys_file, settings.api_keys)
+    key_store = load_key_store(
+        settings.api_keys_file,
+        settings.api_keys,
+        budget_range=(settings.kv_min_budget_tokens, settings.kv_max_budget_tokens),
+    )
     model_dir = Path(settings.model_path) if settings.model_path else None
     gateway_metrics = GatewayMetrics(_bytes_per_token(settings, model_dir))
     drain = Drain()

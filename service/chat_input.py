@@ -9,6 +9,7 @@ import json
 
 from fastapi import Request
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from service import errors
 from service.api_keys import ApiKey, KeyStore
@@ -37,11 +38,15 @@ async def read_chat_body(request: Request, limit: int) -> ChatCompletionRequest:
         raise errors.too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise errors.too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise errors.too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # Hung up mid-upload: the caller's doing, not a server error.
+        raise errors.client_closed() from None
     raw = b"".join(chunks)
     try:
         data = json.loads(raw)
@@ -49,6 +54,11 @@ async def read_chat_body(request: Request, limit: int) -> ChatCompletionRequest:
         raise errors.unprocessable(
             f"Request body is not valid JSON: {exc}", code="invalid_json"
         ) from exc
+    except RecursionError:
+        # Well under the size limit, `[[[[...` still exhausts the parser's stack.
+        raise errors.unprocessable(
+            "Request body is not valid JSON: nested too deeply", code="invalid_json"
+        ) from None
     if not isinstance(data, dict):
         raise errors.unprocessable("Request body must be a JSON object", code="invalid_json")
     try:

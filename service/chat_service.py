@@ -37,7 +37,6 @@ from service.stream_relay import RelayResponse, StreamRelay
 log = structlog.get_logger(__name__)
 
 # nginx's code for "client closed request": nobody reads it, but logs and metrics do.
-CLIENT_CLOSED = 499
 UNRESOLVED = "unresolved"
 
 
@@ -136,7 +135,7 @@ class ChatService:
             self._abort(call, "client_disconnected")
             self._outcome(call, "client_disconnected")
             logger.info("chat.client_disconnected")
-            return Response(status_code=CLIENT_CLOSED)
+            return Response(status_code=errors.CLIENT_CLOSED)
         except EngineTimeout as exc:
             self._abort(call, "upstream_timeout")
             self._outcome(call, "upstream_timeout")
@@ -196,9 +195,7 @@ class ChatService:
             ) from exc
         except ClientDisconnected:
             self._outcome(call, "client_disconnected")
-            raise errors.OpenAIError(
-                CLIENT_CLOSED, "Client closed the request", code="client_closed"
-            ) from None
+            raise errors.client_closed() from None
 
     async def _stream_done(self, call: Call, relay: StreamRelay, disconnected: bool) -> None:
         if call.ticket is not None:

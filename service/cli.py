@@ -14,6 +14,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from service.kv_policy import POLICY_NAMES
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -62,6 +64,23 @@ def _build_parser() -> argparse.ArgumentParser:
         "--drain-timeout-s",
         type=float,
         help="on SIGTERM, wait this long for in-flight requests (RAAS_DRAIN_TIMEOUT_S, default 30)",
+    )
+    serve.add_argument(
+        "--kv-default-policy",
+        choices=POLICY_NAMES,
+        help="kv_policy of requests that name none (RAAS_KV_DEFAULT_POLICY, default raas)",
+    )
+    serve.add_argument(
+        "--kv-default-budget-tokens",
+        type=int,
+        help="budget_tokens of requests that set none (RAAS_KV_DEFAULT_BUDGET_TOKENS, "
+        "default 2048)",
+    )
+    serve.add_argument(
+        "--kv-max-budget-tokens",
+        type=int,
+        help="largest budget_tokens a request may ask for (RAAS_KV_MAX_BUDGET_TOKENS, "
+        "default 8192)",
     )
     serve.add_argument("--api-keys-file", type=Path, help="API keys file (RAAS_API_KEYS_FILE)")
     serve.add_argument(

@@ -116,6 +116,15 @@ def draining(retry_after_s: int) -> OpenAIError:
     )
 
 
+# nginx's "client closed request": nobody reads it, but logs and metrics must not count
+# the caller's own hang-up as a server error.
+CLIENT_CLOSED = 499
+
+
+def client_closed() -> OpenAIError:
+    return OpenAIError(CLIENT_CLOSED, "Client closed the request", code="client_closed")
+
+
 def upstream_timeout(seconds: float) -> OpenAIError:
     return OpenAIError(
         504,

@@ -13,6 +13,7 @@ import contextlib
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -372,6 +373,38 @@ def test_malformed_json_and_schema_are_422(gw):
     assert resp.status_code == 422 and error_of(resp)["param"] == "messages"
     with pytest.raises(openai.UnprocessableEntityError):
         client(gw).chat.completions.create(model=MODEL, messages="not a list")  # type: ignore[arg-type]
+
+
+def test_deeply_nested_json_is_422_not_500(gw):
+    resp = httpx.post(
+        f"{gw}/v1/chat/completions",
+        content=b"[" * 100_000,  # far under the size limit, far over the parser's depth
+        headers={"content-type": "application/json"},
+    )
+    assert resp.status_code == 422 and error_of(resp)["code"] == "invalid_json"
+
+
+def http_requests(url: str, code: str) -> float:
+    """raas_http_requests_total for the chat route and `code` (0 when absent)."""
+    needle = f'raas_http_requests_total{{code="{code}",method="POST",route="/v1/chat/completions"}}'
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(needle):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_client_hanging_up_mid_upload_is_499_not_a_server_error(engine):
+    with gateway(engine[1]) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+                b'{"model": "'
+            )
+            time.sleep(0.3)  # the route is reading the body when the client goes
+        wait_for(lambda: http_requests(url, "499") == 1, timeout_s=10)
+        assert http_requests(url, "500") == 0
 
 
 def test_body_too_large_is_413(engine):

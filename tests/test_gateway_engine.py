@@ -86,12 +86,25 @@ def wait_for(predicate, timeout_s: float) -> None:
         time.sleep(0.1)
 
 
-def assert_kv_cache(kv: dict[str, Any], policy: str, budget: int | None, alpha: float | None):
+def assert_kv_cache(
+    kv: dict[str, Any],
+    policy: str,
+    budget: int | None,
+    alpha: float | None,
+    usage: Any = None,
+) -> None:
+    """The effective policy, and the numbers the raas engine measured (never null here).
+
+    With `usage` (one choice, no eviction at these lengths): dense-equivalent is every
+    position written (the last token's KV never is), all of them still held.
+    """
     assert (kv["policy"], kv["budget_tokens"], kv["alpha"]) == (policy, budget, alpha)
-    # Dense attention today: the engine reports nothing and the numbers are null. When the
-    # raas backend reports them they must be integers.
     for field in ("peak_retained_tokens", "dense_equivalent_tokens", "evicted_pages"):
-        assert kv[field] is None or isinstance(kv[field], int)
+        assert isinstance(kv[field], int), (field, kv)
+    if usage is not None:
+        dense = usage.prompt_tokens + usage.completion_tokens - 1
+        assert kv["dense_equivalent_tokens"] == dense, kv
+        assert kv["peak_retained_tokens"] == dense and kv["evicted_pages"] == 0, kv
 
 
 def test_chat_matches_sglang_directly_and_echoes_kv_cache(engine, gw):
@@ -106,7 +119,7 @@ def test_chat_matches_sglang_directly_and_echoes_kv_cache(engine, gw):
     )
     assert resp.choices[0].message.content == direct["choices"][0]["message"]["content"]
     assert resp.usage.completion_tokens == 8 and resp.usage.prompt_tokens > 0
-    assert_kv_cache(resp.usage.kv_cache, "raas", 256, 1e-4)
+    assert_kv_cache(resp.usage.kv_cache, "raas", 256, 1e-4, resp.usage)
     assert resp.model == MODEL
 
 
@@ -126,7 +139,7 @@ def test_stream_with_usage_and_header_policy(gw):
     final = chunks[-1]
     assert final.choices == [] and final.usage.completion_tokens == 8
     default_alpha = Settings.model_fields["kv_default_alpha"].default
-    assert_kv_cache(final.usage.kv_cache, "streaming", 128, default_alpha)
+    assert_kv_cache(final.usage.kv_cache, "streaming", 128, default_alpha, final.usage)
 
 
 def test_openai_sampling_features_pass_through(gw):
@@ -182,8 +195,19 @@ def generation_stopped(engine: str) -> bool:
     return engine_metric(engine, "sglang:generation_tokens_total") == before
 
 
+def gateway_aborts(gw: str) -> float:
+    """The gateway's own abort calls for disconnects (SGLang also aborts by itself when
+    the connection closes, so its counter alone would not show the gateway's call)."""
+    needle = 'raas_engine_aborts_total{reason="client_disconnected"}'
+    for line in httpx.get(f"{gw}/metrics").text.splitlines():
+        if line.startswith(needle):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_stream_disconnect_aborts_in_sglang(engine, gw):
     aborted = engine_metric(engine, "sglang:num_aborted_requests_total")
+    ours = gateway_aborts(gw)
     stream = client(gw).chat.completions.create(
         model=MODEL, messages=LONG, max_tokens=2000, stream=True, extra_body={"ignore_eos": True}
     )
@@ -194,10 +218,12 @@ def test_stream_disconnect_aborts_in_sglang(engine, gw):
     wait_for(lambda: engine_metric(engine, "sglang:num_aborted_requests_total") > aborted, 5)
     wait_for(lambda: engine_metric(engine, "sglang:num_running_reqs") == 0, 5)
     wait_for(lambda: generation_stopped(engine), 5)
+    wait_for(lambda: gateway_aborts(gw) == ours + 1, 5)
 
 
 def test_non_stream_disconnect_aborts_in_sglang(engine, gw):
     aborted = engine_metric(engine, "sglang:num_aborted_requests_total")
+    ours = gateway_aborts(gw)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
             f"{gw}/v1/chat/completions",
@@ -206,8 +232,7 @@ def test_non_stream_disconnect_aborts_in_sglang(engine, gw):
         )
     wait_for(lambda: engine_metric(engine, "sglang:num_aborted_requests_total") > aborted, 5)
     wait_for(lambda: generation_stopped(engine), 5)
-    text = httpx.get(f"{gw}/metrics").text
-    assert 'raas_engine_aborts_total{reason="client_disconnected"}' in text
+    wait_for(lambda: gateway_aborts(gw) == ours + 1, 5)
 
 
 def test_upstream_timeout_is_504_and_frees_the_engine(engine):

@@ -530,3 +530,42 @@ def test_cli_rejects_bad_configuration():
         timeout=60,
     )
     assert out.returncode == 2 and "engine_url" in out.stderr
+
+
+def test_cli_kv_defaults_reach_the_settings():
+    """The flags are validated with the rest: a default budget over the cap is refused."""
+    out = subprocess.run(
+        [
+            sys.executable, "-m", "service.cli", "serve",
+            "--kv-default-policy", "streaming",
+            "--kv-default-budget-tokens", "4096",
+            "--kv-max-budget-tokens", "1024",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "expected kv_default_budget_tokens in [32, 1024], got 4096" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "sk-a max_budget_tokens=16",  # under the server minimum: would be widened to 32
+        "sk-a default_budget_tokens=8",  # every request without a budget would be a 400
+        "sk-a default_budget_tokens=9000",  # above the server maximum
+    ],
+)
+def test_key_budgets_outside_the_server_range_fail_at_load(tmp_path, line):
+    path = tmp_path / "keys.txt"
+    path.write_text(line + "\n")
+    assert len(load_key_store(path, None)) == 1  # no range given: not checked
+    with pytest.raises(ApiKeyError, match="outside the server's budget range"):
+        load_key_store(path, None, budget_range=(32, 8192))
+
+
+def test_key_budgets_inside_the_server_range_load(tmp_path):
+    path = tmp_path / "keys.txt"
+    path.write_text("sk-a max_budget_tokens=32 default_budget_tokens=32\n")
+    assert len(load_key_store(path, None, budget_range=(32, 8192))) == 1

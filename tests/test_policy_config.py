@@ -146,6 +146,26 @@ def test_from_dict_overlays_only_given_fields():
     )
 
 
+def test_from_dict_h2o_shrinks_an_unasked_recent_window_to_a_small_budget():
+    """The server's default window (64) must not fail `{"name": "h2o", "budget_tokens": 64}`."""
+    defaults = KVPolicyConfig()  # recent_tokens 64, page 16
+    config = KVPolicyConfig.from_dict({"name": "h2o", "budget_tokens": 64}, defaults)
+    assert config.recent_tokens == 48
+    big = KVPolicyConfig.from_dict({"name": "h2o", "budget_tokens": 512}, defaults)
+    assert big.recent_tokens == 64  # fits: unchanged
+    # A window the caller sets is still checked, not silently shrunk.
+    with pytest.raises(PolicyConfigError, match="recent_tokens"):
+        KVPolicyConfig.from_dict(
+            {"name": "h2o", "budget_tokens": 64, "recent_tokens": 64}, defaults
+        )
+
+
+def test_error_on_a_non_object_names_kv_policy_itself():
+    with pytest.raises(PolicyConfigError) as exc:
+        KVPolicyConfig.from_dict("raas", KVPolicyConfig())  # type: ignore[arg-type]
+    assert str(exc.value).startswith("kv_policy: expected an object")
+
+
 @pytest.mark.parametrize("key", ["budget", "Alpha", "kv_policy", "", "page_size"])
 def test_from_dict_unknown_key_rejected(key):
     # page_size is an engine setting: a request may not choose it.

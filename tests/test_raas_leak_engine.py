@@ -8,6 +8,7 @@ machine-wide engine lock.
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -63,13 +64,24 @@ def test_no_slot_leak_after_hundreds_of_mixed_requests(tiny_server):
                 }
                 body = {"input_ids": list(range(100, 110 + i % 30)), "sampling_params": params}
                 if i % 5 == 0:
-                    # Client disconnects mid-stream: SGLang aborts the request.
+                    # Client disconnects mid-stream: SGLang aborts the request. Cut before
+                    # any eviction, and after the budget-32 policies have evicted pages
+                    # (their rows then hold freed positions when the abort frees them).
+                    params["max_new_tokens"] = 120
+                    cut = (3, 45, 80)[(i // 5) % 3]
                     body["stream"] = True
+                    tokens = 0
                     with client.stream("POST", f"{url}/generate", json=body) as resp:
-                        for j, _ in enumerate(resp.iter_lines()):
-                            if j >= 3:
+                        for line in resp.iter_lines():
+                            if line.startswith("data: {"):
+                                meta = json.loads(line[6:])["meta_info"]
+                                tokens = meta["completion_tokens"]
+                            if tokens >= cut:
                                 break
-                    aborted += 1
+                    if tokens >= cut:
+                        aborted += 1
+                    else:
+                        errors.append(f"stream ended after {tokens} of {cut} tokens")
                     continue
                 resp = client.post(f"{url}/generate", json=body)
                 if (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 POLICY_NAMES = ("raas", "dense", "streaming", "h2o", "quest")
@@ -34,7 +34,7 @@ class PolicyConfigError(ValueError):
     """A kv_policy value is out of range; `field` names the offending field."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"kv_policy.{field}: {message}")
+        super().__init__(f"kv_policy.{field}: {message}" if field else f"kv_policy: {message}")
         self.field = field
 
 
@@ -128,4 +128,10 @@ class KVPolicyConfig:
         for key in data:
             if key not in known:
                 raise PolicyConfigError(str(key), f"unknown field; expected one of {sorted(known)}")
-        return replace(defaults, **data)
+        merged_data = {**asdict(defaults), **data}
+        budget, page = merged_data["budget_tokens"], merged_data["page_size"]
+        if merged_data["name"] == "h2o" and "recent_tokens" not in data and _is_int(budget):
+            # A recent window the caller never asked for shrinks to fit a small budget
+            # instead of failing the request (one set explicitly is still checked).
+            merged_data["recent_tokens"] = max(0, min(merged_data["recent_tokens"], budget - page))
+        return cls(**merged_data)

@@ -21,6 +21,7 @@ from raas_backend.kernels import torch_ref
 from raas_backend.kernels.torch_ref import page_key_bounds, quest_bounds
 from raas_backend.request_kv import RequestKV, head_aggregate
 from raas_backend.sglang_plugin.runtime import activate_runtime
+from raas_backend.sglang_plugin.server_requirements import check_server_args
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -49,6 +50,7 @@ class DecodeIndex:
 
 class RaasAttnBackend(TorchNativeAttnBackend):
     def __init__(self, model_runner: ModelRunner) -> None:
+        check_server_args(model_runner.server_args)
         super().__init__(model_runner)
         if model_runner.page_size != 1:
             raise ValueError(

@@ -70,6 +70,8 @@ class RaasRuntime:
     evicted_slots_total: int = 0
     #: Stats of finished requests, by rid, until the output path collects them.
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: State of retracted requests, by rid, until their re-prefill decodes again.
+    suspended: dict[str, RequestKV] = field(default_factory=dict)
 
     def effective_config(self, custom_params: Any, rid: str | None = None) -> KVPolicyConfig:
         """The request's policy; the defaults if its kv_policy is invalid (requests are
@@ -88,7 +90,13 @@ class RaasRuntime:
         tracked = self.requests.get(row)
         if tracked is not None and tracked.rid == rid:
             return tracked.kv
-        kv = RequestKV(self.effective_config(custom_params, rid), prompt_len=kv_len)
+        prior = self.suspended.pop(rid, None)
+        if prior is not None and kv_len >= prior.table.prompt_len:
+            # A retracted request, re-prefilled with its whole history: it stays bounded.
+            kv = RequestKV.resumed(prior, kv_len)
+            self.finished.pop(rid, None)
+        else:
+            kv = RequestKV(self.effective_config(custom_params, rid), prompt_len=kv_len)
         self.requests[row] = Tracked(rid, kv)
         return kv
 
@@ -96,14 +104,19 @@ class RaasRuntime:
         tracked = self.requests.get(row)
         return tracked.kv if tracked else None
 
-    def release(self, row: int, rid: str) -> None:
+    def release(self, row: int, rid: str, *, retracted: bool = False) -> None:
+        """The request left its row: finished, aborted, or (retracted) to be re-prefilled."""
         tracked = self.requests.get(row)
         if tracked is not None and tracked.rid == rid:
             del self.requests[row]
             self.finished[tracked.rid] = tracked.kv.stats()
-            # Bounded: the output path pops entries; never let stragglers accumulate.
-            while len(self.finished) > 4096:
-                self.finished.pop(next(iter(self.finished)))
+            if retracted:
+                self.suspended[rid] = tracked.kv
+            # Bounded: the output path pops entries, a re-prefill takes its suspended
+            # state back; never let stragglers (dropped requests) accumulate.
+            for pending in (self.finished, self.suspended):
+                while len(pending) > 4096:
+                    pending.pop(next(iter(pending)))
 
     def take_finished(self, rid: str) -> dict[str, Any] | None:
         """The stats `release` stored for `rid`, removed (None if it never decoded)."""

@@ -7,8 +7,9 @@
   so SGLang's page-invariant checker never sees a freed slot owned by a live request.
 - Around `BasePrefixCache.free_kv_row`: the finish-time free skips evicted positions
   (slot 0), so no slot is freed twice.
-- Around `release_kv_cache`: the request's state is dropped (finish, abort, retraction;
-  a retracted request is re-prefilled with its whole history as its new prompt).
+- Around `release_kv_cache`: the request's state is dropped (finish, abort), or kept
+  aside on retraction: SGLang re-prefills the whole history, and at the next decode
+  step the generated part counts as decode pages again, evicted down to the budget.
 - Around `kv_private_tokens`: SGLang's busy-time leak check counts what a request
   really holds.
 """
@@ -93,7 +94,8 @@ def around_release_kv_cache(original, req: Any, *args: Any, **kwargs: Any) -> An
     result = original(req, *args, **kwargs)
     runtime = current_runtime()
     if runtime is not None and row is not None:
-        runtime.release(row, req.rid)
+        # Retraction releases a request that has not finished; finish and abort do not.
+        runtime.release(row, req.rid, retracted=not req.finished())
     return result
 
 
