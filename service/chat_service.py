@@ -36,7 +36,6 @@ from service.stream_relay import RelayResponse, StreamRelay
 
 log = structlog.get_logger(__name__)
 
-# nginx's code for "client closed request": nobody reads it, but logs and metrics do.
 UNRESOLVED = "unresolved"
 
 

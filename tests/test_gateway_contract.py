@@ -31,6 +31,7 @@ from service.engine_client import EngineClient, Health
 from service.graceful_drain import DrainingServer
 from service.settings import Settings
 from tests.support.gateway_server import serve_app, wait_ready
+from tests.support.metrics_text import gateway_metric
 from tests.support.sglang_server import free_port
 
 MODEL = "smollm2-135m-instruct"
@@ -386,11 +387,9 @@ def test_deeply_nested_json_is_422_not_500(gw):
 
 def http_requests(url: str, code: str) -> float:
     """raas_http_requests_total for the chat route and `code` (0 when absent)."""
-    needle = f'raas_http_requests_total{{code="{code}",method="POST",route="/v1/chat/completions"}}'
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(needle):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return gateway_metric(
+        url, "raas_http_requests_total", code=code, method="POST", route="/v1/chat/completions"
+    )
 
 
 def test_client_hanging_up_mid_upload_is_499_not_a_server_error(engine):

@@ -29,6 +29,7 @@ from service.app import create_app
 from service.settings import Settings
 from tests.support.embedded_gateway import Served, embedded_gateway
 from tests.support.gateway_server import serve_app, wait_ready
+from tests.support.metrics_text import gateway_metric
 from tests.support.sglang_server import START_TIMEOUT_S, descendants
 
 pytestmark = pytest.mark.engine
@@ -198,11 +199,7 @@ def generation_stopped(engine: str) -> bool:
 def gateway_aborts(gw: str) -> float:
     """The gateway's own abort calls for disconnects (SGLang also aborts by itself when
     the connection closes, so its counter alone would not show the gateway's call)."""
-    needle = 'raas_engine_aborts_total{reason="client_disconnected"}'
-    for line in httpx.get(f"{gw}/metrics").text.splitlines():
-        if line.startswith(needle):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return gateway_metric(gw, "raas_engine_aborts_total", reason="client_disconnected")
 
 
 def test_stream_disconnect_aborts_in_sglang(engine, gw):

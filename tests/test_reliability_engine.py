@@ -43,6 +43,7 @@ import pytest
 
 from tests.support.embedded_gateway import Served, tiny_embedded_gateway
 from tests.support.gateway_server import wait_ready
+from tests.support.metrics_text import gateway_metric
 from tests.support.sglang_server import START_TIMEOUT_S, descendants
 from tests.test_gateway_engine import LONG, MODEL, client, gateway, wait_for
 from tests.test_raas_engine import metric
@@ -76,18 +77,6 @@ def served(bundled_model_path, tmp_path_factory) -> Iterator[Served]:
     workdir = tmp_path_factory.mktemp("reliability")
     with tiny_embedded_gateway(Path(bundled_model_path), workdir, env) as srv:
         yield srv
-
-
-def gateway_metric(url: str, name: str, **labels: str) -> float:
-    """Sum of a gateway metric over its series that carry `labels`."""
-    total, found = 0.0, False
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        series, _, value = line.rpartition(" ")
-        if series.split("{")[0] == name and all(f'{k}="{v}"' in series for k, v in labels.items()):
-            total += float(value)
-            found = True
-    assert found or labels, f"{name} not exported"
-    return total
 
 
 def kv_freed(engine: str) -> bool:
