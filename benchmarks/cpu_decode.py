@@ -48,6 +48,7 @@ from tests.support.sglang_server import (  # noqa: E402
     RunningServer,
     descendants,
     sglang_server,
+    tree_jiffies,
 )
 
 STANDARD_CHECKPOINTS = (512, 1024, 2048, 4096, 8192)
@@ -140,18 +141,6 @@ def cpu_jiffies() -> tuple[int, int]:
         values = [int(v) for v in fh.readline().split()[1:9]]
     idle = values[3] + (values[4] if len(values) > 4 else 0)
     return sum(values) - idle, sum(values)
-
-
-def tree_jiffies(pids: set[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total
 
 
 @dataclass

@@ -34,6 +34,13 @@ answer has exactly `max_tokens` tokens; a short count is an error.
 the overhead then is the gateway's own cost without engine noise; its throughput ratio
 says nothing about the target.
 
+`--pin ENGINE:GATEWAY` (CPU lists, e.g. `0:1`) gives the engine's whole process tree
+its own CPUs and the gateway and the load client the others, as a deployment does (the
+engine on its accelerator's host cores, the gateway apart); the direct arm's client
+runs on the gateway's CPUs too, so both arms see the same engine. Without it all three
+share every CPU, and on a small machine the gateway's CPU is taken from the engine's
+decode. The affinity of every process is checked and recorded.
+
 The CPU used by the gateway process and by anything outside the benchmark (other
 users of a shared machine) is recorded per phase. Prints a table with the ratios and
 whether each target is met; --out writes everything as JSON.
@@ -439,6 +446,57 @@ async def throughput_level(
     }
 
 
+def parse_cpus(text: str) -> set[int]:
+    """`0-2,5` -> {0, 1, 2, 5}."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
+def parse_pin(text: str) -> tuple[set[int], set[int]]:
+    engine_text, sep, gateway_text = text.partition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError("expected ENGINE_CPUS:GATEWAY_CPUS, e.g. 0:1")
+    try:
+        engine, gateway = parse_cpus(engine_text), parse_cpus(gateway_text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad CPU list in {text!r}") from exc
+    available = os.sched_getaffinity(0)
+    if engine & gateway or not (engine | gateway) <= available:
+        raise argparse.ArgumentTypeError(
+            f"engine and gateway CPUs must be disjoint and among {sorted(available)}"
+        )
+    return engine, gateway
+
+
+@contextlib.contextmanager
+def affinity(cpus: set[int] | None) -> Iterator[None]:
+    """Run the block on these CPUs: processes started in it inherit them."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def tree_affinity(pid: int) -> list[int]:
+    """The CPUs any thread of the process tree may run on (a child that re-pinned
+    itself would widen or move this)."""
+    cpus: set[int] = set()
+    for proc in descendants(pid) | {pid}:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for tid in os.listdir(f"/proc/{proc}/task"):
+                with contextlib.suppress(ProcessLookupError, OSError):
+                    cpus |= os.sched_getaffinity(int(tid))
+    return sorted(cpus)
+
+
 @dataclass(frozen=True)
 class Engine:
     url: str
@@ -654,6 +712,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--budget-tokens", type=int, default=2048, help="kv_policy budget")
     parser.add_argument(
+        "--pin",
+        type=parse_pin,
+        metavar="ENGINE_CPUS:GATEWAY_CPUS",
+        help="give the engine's processes these CPUs and the gateway and the client the "
+        "others (e.g. 0:1); default: everything shares every CPU",
+    )
+    parser.add_argument(
         "--gateway-profile", type=Path, help="run the gateway under cProfile (CPU time), stats here"
     )
     return parser
@@ -761,14 +826,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "kv_policy": kv,
                 "gateway": "separate process (raas-serve serve, remote mode, log level info)",
                 "gateway_profiled": args.gateway_profile is not None,
+                "pinned": args.pin is not None,
             },
         }
         results = Results(header, args.out)
         log(f"starting the engine ({args.engine}, {args.model} model) and the gateway")
-        with (
-            engine_server(args.engine, args.model, Path(args.model_path), workdir) as engine,
-            gateway_process(engine.url, engine.model, workdir, args.gateway_profile) as (gw, proc),
-        ):
+        engine_cpus, gateway_cpus = args.pin or (None, None)
+        with contextlib.ExitStack() as stack:
+            with affinity(engine_cpus):
+                engine = stack.enter_context(
+                    engine_server(args.engine, args.model, Path(args.model_path), workdir)
+                )
+            with affinity(gateway_cpus):
+                gw, proc = stack.enter_context(
+                    gateway_process(engine.url, engine.model, workdir, args.gateway_profile)
+                )
+            # The load client (this process) runs beside the gateway, never on the
+            # engine's CPUs.
+            stack.enter_context(affinity(gateway_cpus))
+            results.header["config"]["affinity"] = {
+                "engine_tree": tree_affinity(engine.pid),
+                "gateway_tree": tree_affinity(proc.pid),
+                "client": sorted(os.sched_getaffinity(0)),
+            }
+            log(f"CPU affinity: {results.header['config']['affinity']}")
             ends = Endpoints(engine.url, gw, kv, settings)
 
             def meter_for() -> CpuMeter:

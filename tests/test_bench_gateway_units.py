@@ -3,7 +3,9 @@ block, and the interval around their geometric mean."""
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
 
 import pytest
 
@@ -87,3 +89,23 @@ def test_a_target_is_resolved_only_when_its_interval_is_on_one_side(bench):
     assert (spans["met"], spans["resolved"]) == (True, False)
     assert (missed["met"], missed["resolved"]) == (False, True)
     assert (bare["met"], bare["resolved"], bare["ci95"]) == (True, False, None)
+
+
+def test_pin_parses_cpu_lists_and_refuses_overlap_or_unknown_cpus(bench):
+    assert bench.parse_cpus("0-2,5") == {0, 1, 2, 5}
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:
+        assert bench.parse_pin(f"{cpus[0]}:{cpus[1]}") == ({cpus[0]}, {cpus[1]})
+    for bad in ("0", "0:0", "x:1", f"0:{max(cpus) + 1}"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_pin(bad)
+
+
+def test_affinity_applies_to_the_block_and_is_restored(bench):
+    before = os.sched_getaffinity(0)
+    one = {min(before)}
+    with bench.affinity(one):
+        assert os.sched_getaffinity(0) == one
+    assert os.sched_getaffinity(0) == before
+    with bench.affinity(None):
+        assert os.sched_getaffinity(0) == before

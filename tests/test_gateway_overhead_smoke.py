@@ -12,6 +12,7 @@ run recorded in docs/benchmarks.md).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -20,6 +21,10 @@ from tests.support.bench_script import finite, positive, run_benchmark
 
 CONCURRENCY = 2
 REQUESTS = 6
+# With two CPUs the run is pinned as a deployment would be: engine on one, gateway and
+# client on the other.
+CPUS = sorted(os.sched_getaffinity(0))
+PIN = (CPUS[0], CPUS[1]) if len(CPUS) >= 2 else None
 MODES = ("nonstream", "stream")
 ARMS = ("direct", "gateway")
 
@@ -51,6 +56,8 @@ def results(tmp_path_factory, bundled_model_path) -> tuple[dict[str, Any], str]:
         "--rounds",
         "1",
     ]
+    if PIN is not None:
+        argv += ["--pin", f"{PIN[0]}:{PIN[1]}"]
     return run_benchmark("gateway_overhead", out, argv)
 
 
@@ -74,6 +81,16 @@ def test_latency_has_both_arms_and_the_overhead(results):
             assert_quantiles(res["overhead_ttft_ms"], signed=True)
         else:
             assert "ttft_ms" not in res
+
+
+def test_pinning_reaches_every_process_of_each_side(results):
+    data, _ = results
+    affinity = data["config"]["affinity"]
+    if PIN is None:
+        assert data["config"]["pinned"] is False
+        pytest.skip("one CPU: nothing to pin apart")
+    assert data["config"]["pinned"] is True
+    assert affinity == {"engine_tree": [PIN[0]], "gateway_tree": [PIN[1]], "client": [PIN[1]]}
 
 
 def test_throughput_blocks_and_ratios(results):

@@ -8,7 +8,10 @@ policy by prompt + budget + one page instead. On a 512-token pool:
   while dense cannot hold them together (it queues or retracts);
 - one raas generation longer than the whole pool completes in full (SGLang would clip
   it to what fits the pool; with ignore_eos such a clipped dense request is never
-  even admitted, a stock SGLang limit).
+  even admitted, a stock SGLang limit);
+- a raas request that SGLang retracts under memory pressure (a dense request grows into
+  its room) is re-prefilled with its whole history, evicted back to its budget, and
+  still completes a generation longer than the pool.
 
 A tiny random-weight model keeps it fast; what is measured is the allocator, not text.
 Its own module: one engine-holding fixture per module (the machine-wide engine lock).
@@ -57,9 +60,16 @@ class Timeline:
     done_s: float
     completion_tokens: int
     finish_reason: Any
+    kv: dict[str, Any] | None = None
 
 
-def stream_generate(url: str, policy: dict[str, Any], max_new_tokens: int) -> Timeline:
+def stream_generate(
+    url: str,
+    policy: dict[str, Any],
+    max_new_tokens: int,
+    decoding: threading.Event | None = None,
+) -> Timeline:
+    """One streamed generation; `decoding` is set once its first token arrives."""
     body = {
         "input_ids": PROMPT,
         "stream": True,
@@ -83,6 +93,8 @@ def stream_generate(url: str, policy: dict[str, Any], max_new_tokens: int) -> Ti
             chunk = json.loads(line[len("data:") :])
             if first is None and chunk["meta_info"]["completion_tokens"] > 0:
                 first = time.monotonic()
+                if decoding is not None:
+                    decoding.set()
             last = chunk
     assert first is not None and last, "the stream carried no token"
     return Timeline(
@@ -90,6 +102,7 @@ def stream_generate(url: str, policy: dict[str, Any], max_new_tokens: int) -> Ti
         done_s=time.monotonic(),
         completion_tokens=last["meta_info"]["completion_tokens"],
         finish_reason=last["meta_info"]["finish_reason"],
+        kv=last["meta_info"].get("raas_kv_cache"),
     )
 
 
@@ -156,6 +169,61 @@ def test_raas_generation_longer_than_the_pool_completes(small_pool_server):
     assert raas.completion_tokens == longer_than_pool
     assert raas.finish_reason["type"] == "length"
     wait_idle(url)
+    log = small_pool_server.log_path.read_text(errors="replace")
+    for bad in ("use-after-free", "double free", "Mem Leak", "Traceback"):
+        assert bad not in log
+
+
+def test_retracted_raas_request_resumes_within_its_budget(small_pool_server):
+    """SGLang retracts the decoding request with the fewest output tokens when the pool
+    runs out. A dense request (prompt + 440 tokens) starts first; a raas request (budget
+    32) joins once it decodes, so the two need more than the pool near the dense one's
+    end and the raas one is retracted. It is re-prefilled with its whole history once
+    the dense one finishes; then its generated positions must count as decode pages
+    again and be evicted back to the budget, or it would end holding its history."""
+    url = small_pool_server.url
+    capacity = metric(url, "kv_available_tokens") + metric(url, "num_used_tokens")
+    dense_tokens, raas_tokens = 440, POOL_TOKENS + 88
+    cap = RAAS["budget_tokens"] + 16  # budget + one page
+    assert len(PROMPT) + dense_tokens <= capacity < len(PROMPT) + dense_tokens + len(PROMPT) + cap
+    assert capacity < len(PROMPT) + raas_tokens
+
+    retracted_before = metric(url, "num_retracted_requests_total", 0.0)
+    results: dict[str, Timeline] = {}
+    dense_decoding = threading.Event()
+
+    def run(name: str, policy: dict[str, Any], tokens: int, event: threading.Event | None):
+        results[name] = stream_generate(url, policy, tokens, event)
+
+    dense = threading.Thread(
+        target=run, args=("dense", {"name": "dense"}, dense_tokens, dense_decoding)
+    )
+    dense.start()
+    try:
+        # The dense request's first chunk goes out only once it decodes; a raas request
+        # sent now has fewer output tokens than it for as long as both run.
+        assert dense_decoding.wait(timeout=120), "the dense request never decoded"
+        run("raas", RAAS, raas_tokens, None)
+    finally:
+        dense.join(timeout=300)
+
+    assert metric(url, "num_retracted_requests_total", 0.0) > retracted_before
+    assert results["dense"].completion_tokens == dense_tokens
+    raas = results["raas"]
+    assert raas.completion_tokens == raas_tokens
+    assert raas.finish_reason["type"] == "length"
+    kv = raas.kv
+    assert kv is not None and kv["policy"] == "raas"
+    prompt = len(PROMPT)
+    # The re-prefill held the whole history at once: proof that this request was the
+    # one retracted and resumed (a raas request otherwise peaks at prompt + budget).
+    assert kv["peak_retained_tokens"] > prompt + cap, kv
+    # ... and from its next decode step it was bounded again.
+    assert kv["retained_tokens"] <= prompt + cap, kv
+    assert kv["dense_equivalent_tokens"] == prompt + raas_tokens - 1
+    assert kv["evicted_pages"] > 0
+    wait_idle(url)
+    assert metric(url, "kv_available_tokens") == capacity
     log = small_pool_server.log_path.read_text(errors="replace")
     for bad in ("use-after-free", "double free", "Mem Leak", "Traceback"):
         assert bad not in log

@@ -82,6 +82,19 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def tree_jiffies(pids: set[int]) -> int:
+    """CPU time (user + system, in clock ticks) used so far by these processes."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total
+
+
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
