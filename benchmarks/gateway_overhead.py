@@ -39,7 +39,7 @@ its own CPUs and the gateway and the load client the others, as a deployment doe
 engine on its accelerator's host cores, the gateway apart); the direct arm's client
 runs on the gateway's CPUs too, so both arms see the same engine. Without it all three
 share every CPU, and on a small machine the gateway's CPU is taken from the engine's
-decode. The affinity of every process is checked and recorded.
+decode. The affinity of every engine and gateway thread is read back and recorded.
 
 The CPU used by the gateway process and by anything outside the benchmark (other
 users of a shared machine) is recorded per phase. Prints a table with the ratios and
@@ -81,7 +81,6 @@ from benchmarks.cpu_decode import (  # noqa: E402
     log,
     package_version,
     terminate,
-    tree_jiffies,
 )
 from service.chat_request import upstream_body  # noqa: E402
 from service.kv_policy import PolicyLimits, resolve_request  # noqa: E402
@@ -93,6 +92,7 @@ from tests.support.sglang_server import (  # noqa: E402
     free_port,
     sglang_server,
     stop_process_group,
+    tree_jiffies,
     wait_healthy,
 )
 from tests.support.tiny_model import make_tiny_model  # noqa: E402
@@ -450,8 +450,11 @@ def parse_cpus(text: str) -> set[int]:
     """`0-2,5` -> {0, 1, 2, 5}."""
     cpus: set[int] = set()
     for part in text.split(","):
-        low, _, high = part.partition("-")
-        cpus.update(range(int(low), int(high or low) + 1))
+        low, dash, high = part.partition("-")
+        first, last = int(low), int(high) if dash else int(low)
+        if last < first:
+            raise ValueError(f"reversed CPU range {part!r}")
+        cpus.update(range(first, last + 1))
     return cpus
 
 
@@ -492,9 +495,17 @@ def tree_affinity(pid: int) -> list[int]:
     for proc in descendants(pid) | {pid}:
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             for tid in os.listdir(f"/proc/{proc}/task"):
-                with contextlib.suppress(ProcessLookupError, OSError):
+                with contextlib.suppress(OSError):
                     cpus |= os.sched_getaffinity(int(tid))
     return sorted(cpus)
+
+
+def engine_flags(pid: int) -> list[str]:
+    """The engine's command-line options, without the interpreter, module and paths
+    (a run's temporary model directory says nothing and is a local path)."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    flags = [a for a in argv if a.startswith("--")]
+    return [f for f in flags if f != "--model-path"]
 
 
 @dataclass(frozen=True)
@@ -505,7 +516,9 @@ class Engine:
 
 
 @contextlib.contextmanager
-def engine_server(kind: str, model: str, bundled: Path, workdir: Path) -> Iterator[Engine]:
+def engine_server(
+    kind: str, model: str, bundled: Path, workdir: Path, sleep_on_idle: bool = False
+) -> Iterator[Engine]:
     """SGLang (holding the heavy-process lock, as every engine start does), or the stub."""
     if kind == "stub":
         port = free_port()
@@ -520,6 +533,8 @@ def engine_server(kind: str, model: str, bundled: Path, workdir: Path) -> Iterat
             stop_process_group(proc)
         return
     extra = ["--served-model-name", MODEL_NAME]
+    if sleep_on_idle:
+        extra.append("--sleep-on-idle")
     path = bundled
     if model == "tiny":
         path = make_tiny_model(bundled, workdir / "tiny")
@@ -712,6 +727,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--budget-tokens", type=int, default=2048, help="kv_policy budget")
     parser.add_argument(
+        "--sleep-on-idle",
+        action="store_true",
+        help="start SGLang with --sleep-on-idle (its idle scheduler otherwise spins and "
+        "holds a core); ignored for the stub",
+    )
+    parser.add_argument(
         "--pin",
         type=parse_pin,
         metavar="ENGINE_CPUS:GATEWAY_CPUS",
@@ -835,14 +856,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:
             with affinity(engine_cpus):
                 engine = stack.enter_context(
-                    engine_server(args.engine, args.model, Path(args.model_path), workdir)
+                    engine_server(
+                        args.engine, args.model, Path(args.model_path), workdir, args.sleep_on_idle
+                    )
                 )
             with affinity(gateway_cpus):
                 gw, proc = stack.enter_context(
                     gateway_process(engine.url, engine.model, workdir, args.gateway_profile)
                 )
-            # The load client (this process) runs beside the gateway, never on the
-            # engine's CPUs.
+            # The load client (this process's main thread, where its event loop runs)
+            # sits beside the gateway, never on the engine's CPUs.
             stack.enter_context(affinity(gateway_cpus))
             results.header["config"]["affinity"] = {
                 "engine_tree": tree_affinity(engine.pid),
@@ -850,6 +873,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "client": sorted(os.sched_getaffinity(0)),
             }
             log(f"CPU affinity: {results.header['config']['affinity']}")
+            results.header["config"]["engine_flags"] = engine_flags(engine.pid)
             ends = Endpoints(engine.url, gw, kv, settings)
 
             def meter_for() -> CpuMeter:

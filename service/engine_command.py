@@ -67,10 +67,6 @@ def build_engine_command(opts: EngineOptions) -> list[str]:
             "--disable-cuda-graph",
             "--mem-fraction-static",
             str(opts.mem_fraction_static or 0.1),
-            # An idle scheduler otherwise spins through its housekeeping and holds a
-            # whole core, which on the CPU is taken from the gateway and the next
-            # request's decode. It wakes on the next message, so requests do not wait.
-            "--sleep-on-idle",
         ]
     elif opts.mem_fraction_static is not None:
         cmd += ["--mem-fraction-static", str(opts.mem_fraction_static)]

@@ -1,5 +1,6 @@
 """The gateway benchmark's throughput statistics without servers: rounds paired block by
-block, and the interval around their geometric mean."""
+block, and the interval around their geometric mean; and its `--pin` parsing and CPU
+affinity handling."""
 
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ def test_pin_parses_cpu_lists_and_refuses_overlap_or_unknown_cpus(bench):
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= 2:
         assert bench.parse_pin(f"{cpus[0]}:{cpus[1]}") == ({cpus[0]}, {cpus[1]})
-    for bad in ("0", "0:0", "x:1", f"0:{max(cpus) + 1}"):
+    for bad in ("0", "0:0", "x:1", "1-0:1", "0-:1", f"0:{max(cpus) + 1}"):
         with pytest.raises(argparse.ArgumentTypeError):
             bench.parse_pin(bad)
 

@@ -67,12 +67,3 @@ def test_failed_starts_back_off_exponentially_up_to_the_cap(tmp_path):
 
 def _times(path: Path) -> list[float]:
     return [float(x) for x in path.read_text().split()] if path.exists() else []
-
-
-def test_cpu_engines_sleep_when_idle_and_gpu_engines_keep_sglangs_default():
-    from service.engine_command import EngineOptions, build_engine_command
-
-    cpu = build_engine_command(EngineOptions(model_path="m", device="cpu"))
-    gpu = build_engine_command(EngineOptions(model_path="m", device="cuda"))
-    assert "--sleep-on-idle" in cpu
-    assert "--sleep-on-idle" not in gpu

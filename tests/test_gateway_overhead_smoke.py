@@ -86,6 +86,8 @@ def test_latency_has_both_arms_and_the_overhead(results):
 def test_pinning_reaches_every_process_of_each_side(results):
     data, _ = results
     affinity = data["config"]["affinity"]
+    # The engine's options are recorded too (the stub's are uvicorn's).
+    assert "--port" in data["config"]["engine_flags"]
     if PIN is None:
         assert data["config"]["pinned"] is False
         pytest.skip("one CPU: nothing to pin apart")
