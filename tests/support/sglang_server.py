@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -80,6 +81,18 @@ def descendants(pid: int) -> set[int]:
                 found.add(child)
                 stack.append(child)
     return found
+
+
+# What SGLang (with its page-invariant and leak checks on) or a crashed scheduler writes
+# when KV slots were mishandled.
+KV_ERROR_MARKERS = ("use-after-free", "double free", "Mem Leak", "memory leak", "Traceback")
+
+
+def assert_engine_log_clean(log_path: Path) -> None:
+    """No slot mishandling or crash reported in an engine's log."""
+    log = log_path.read_text(errors="replace")
+    for bad in KV_ERROR_MARKERS:
+        assert bad not in log, re.findall(rf".*{bad}.*", log)[:3]
 
 
 def tree_jiffies(pids: set[int]) -> int:
