@@ -17,6 +17,13 @@ Each arm is one long greedy generation (`ignore_eos`) per request, streamed from
 checkpoint L is instantaneous: tokens [L - window, L) divided by the time they took
 (per request from its own stream, summed over the C requests for the aggregate).
 
+With ``--repeats N`` every arm runs N times, the order of the arms reversed on every
+other repeat (dense, raas, raas, dense for two arms and two repeats): the speed of a
+shared VM drifts by tens of percent over minutes, and one sequential pass charges that
+drift to whichever arm ran in the slow minutes. A checkpoint's figure is then the
+geometric mean over the repeats, and each repeat's own raas/dense ratio is kept beside
+it (the arms of one repeat ran next to each other).
+
 Prints a table with raas/dense ratios per checkpoint and the overhead below budget, and
 writes everything to the JSON file given by --out.
 
@@ -129,6 +136,8 @@ class RunResult:
     checkpoints: dict[str, CheckpointResult]
     #: Average cores kept busy by other processes on the machine during the run.
     foreign_cpu_cores: float = 0.0
+    #: Which pass over the arms this run belongs to (--repeats), from 0.
+    repeat: int = 0
 
 
 def cpu_jiffies() -> tuple[int, int]:
@@ -436,7 +445,7 @@ def engine_runs(
     }
     if args.mem_fraction_static is not None:
         options["mem_fraction_static"] = args.mem_fraction_static
-    todo = [(plan, arm) for plan in plans for arm in plan.arms if arm.engine == engine]
+    todo = run_order(plans, engine, args.repeats)
     restarts = 0
     while todo:
         log(f"[{engine}] starting engine (waits for the machine-wide engine lock) {options}")
@@ -457,12 +466,12 @@ def engine_runs(
                 )
             warmed: set[int] = set()
             while todo:
-                plan, arm = todo[0]
+                plan, arm, repeat = todo[0]
                 try:
                     if plan.concurrency not in warmed:
                         asyncio.run(warm_up(server.url, args.prompt, plan.concurrency))
                         warmed.add(plan.concurrency)
-                    recorder.add(run_and_log(server, arm, args, plan))
+                    recorder.add(run_and_log(server, arm, args, plan, repeat))
                 except Exception:
                     # Only an engine that died under us (killed from outside) is retried.
                     if not engine_died(server) or restarts >= args.engine_restarts:
@@ -471,6 +480,19 @@ def engine_runs(
                     log(f"[{engine}] the engine died during {arm.name}; restart {restarts}")
                     break
                 todo.pop(0)
+
+
+def run_order(
+    plans: Sequence[LevelPlan], engine: str, repeats: int
+) -> list[tuple[LevelPlan, Arm, int]]:
+    """The runs of one engine: per level, `repeats` passes over its arms, every other
+    pass reversed so that each arm runs as often early as late (ABBA)."""
+    order: list[tuple[LevelPlan, Arm, int]] = []
+    for plan in plans:
+        arms = [arm for arm in plan.arms if arm.engine == engine]
+        for repeat in range(repeats):
+            order += [(plan, arm, repeat) for arm in (arms if repeat % 2 == 0 else arms[::-1])]
+    return order
 
 
 def engine_died(server: RunningServer, grace_s: float = 20.0) -> bool:
@@ -499,9 +521,10 @@ def wait_for_quiet(server: RunningServer, args: argparse.Namespace) -> None:
 
 
 def run_and_log(
-    server: RunningServer, arm: Arm, args: argparse.Namespace, plan: LevelPlan
+    server: RunningServer, arm: Arm, args: argparse.Namespace, plan: LevelPlan, repeat: int = 0
 ) -> RunResult:
-    log(f"[{arm.engine}] {arm.name} x{plan.concurrency}: {plan.max_len} tokens ...")
+    passes = f" (repeat {repeat + 1}/{args.repeats})" if args.repeats > 1 else ""
+    log(f"[{arm.engine}] {arm.name} x{plan.concurrency}: {plan.max_len} tokens{passes} ...")
     wait_for_quiet(server, args)
     foreign = ForeignCpu(server.process.pid).start()
     try:
@@ -520,6 +543,7 @@ def run_and_log(
     except Exception as exc:
         raise RuntimeError(f"{exc}\n--- SGLang log ---\n{server.log_tail()}") from exc
     res.foreign_cpu_cores = foreign.cores()
+    res.repeat = repeat
     rates = ", ".join(f"{k}: {v.tok_s:.2f}" for k, v in res.checkpoints.items())
     log(
         f"    {res.wall_s:.0f}s, other processes used {res.foreign_cpu_cores:.2f} cores; "
@@ -554,22 +578,27 @@ def summarize(
     """Per concurrency and checkpoint: `measure` of each arm (wall-clock tok/s, or tokens
     per engine CPU-second), raas/dense ratios, overhead %.
 
+    With several repeats an arm's figure is the geometric mean over them (so the ratio of
+    two arms is the geometric mean of the per-repeat ratios), "tok_s_each" lists each
+    repeat's figure and "ratio_vs_dense_each" each repeat's own raas/dense ratio.
+
     Overhead below budget compares, over the same window, dense with every raas arm whose
     budget was not reached by the end of the window (L <= budget), the never-reached arm
     included; + means raas is slower. The key "tok_s" holds the measure either way.
     """
-    rate: dict[tuple[str, int, int], float] = {
-        (r.arm, r.concurrency, int(cp)): getattr(c, measure)
-        for r in runs
-        for cp, c in r.checkpoints.items()
-        if getattr(c, measure) is not None
-    }
+    each: dict[tuple[str, int, int], dict[int, float]] = {}
+    foreign: dict[tuple[str, int, int], float | None] = {}
+    for r in runs:
+        for cp, c in r.checkpoints.items():
+            key = (r.arm, r.concurrency, int(cp))
+            value = getattr(c, measure)
+            if value is not None:
+                each.setdefault(key, {})[r.repeat] = value
+            if c.foreign_cpu_cores is not None:
+                foreign[key] = max(foreign.get(key) or 0.0, c.foreign_cpu_cores)
+    rate = {key: geometric_mean(list(v.values())) for key, v in each.items()}
     budget_of = {r.arm: r.budget_tokens for r in runs}
-    foreign: dict[tuple[str, int, int], float | None] = {
-        (r.arm, r.concurrency, int(cp)): c.foreign_cpu_cores
-        for r in runs
-        for cp, c in r.checkpoints.items()
-    }
+    repeated = any(r.repeat > 0 for r in runs)
     summary: dict[str, Any] = {}
     for plan in plans:
         conc = plan.concurrency
@@ -592,6 +621,19 @@ def summarize(
                     if arm.startswith("raas_") and cp <= (budget_of.get(arm) or 0)
                 },
             }
+            if repeated:
+                row["tok_s_each"] = {
+                    arm: [v for _, v in sorted(each[(arm, conc, cp)].items())] for arm in here
+                }
+                dense_each = each.get(("dense", conc, cp), {})
+                row["ratio_vs_dense_each"] = {
+                    arm: [
+                        v / dense_each[rep] if dense_each.get(rep) else None
+                        for rep, v in sorted(each[(arm, conc, cp)].items())
+                    ]
+                    for arm in here
+                    if arm != "dense"
+                }
             if tn is not None:
                 row["overhead_pct_vs_torch_native"] = {
                     arm: pct_overhead(v, tn)
@@ -622,11 +664,26 @@ def summarize(
     return summary
 
 
+def geometric_mean(values: Sequence[float]) -> float:
+    if len(values) == 1:
+        return values[0]
+    if any(v <= 0 or math.isinf(v) for v in values):
+        return min(values) if min(values) <= 0 else math.inf
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
 def pct_overhead(raas: float | None, base: float | None) -> float | None:
     """Time per token of raas over that of the base, minus one, in %: +10 = 10% slower."""
     if raas is None or base is None or raas <= 0:
         return None
     return (base / raas - 1.0) * 100.0
+
+
+def each_ratio(row: dict[str, Any], arm: str) -> str:
+    values = row.get("ratio_vs_dense_each", {}).get(arm)
+    if not values:
+        return ""
+    return " [" + ", ".join(fmt(v, ".2f") for v in values) + "]"
 
 
 def fmt(value: float | None, spec: str) -> str:
@@ -670,7 +727,8 @@ def print_table(
             for b in budgets:
                 cells += [
                     fmt(tok.get(f"raas_{b}"), ".2f"),
-                    fmt(row["ratio_vs_dense"].get(f"raas_{b}"), ".2f"),
+                    fmt(row["ratio_vs_dense"].get(f"raas_{b}"), ".2f")
+                    + each_ratio(row, f"raas_{b}"),
                 ]
             cells.append(below_budget_overhead(row, "overhead_pct_vs_dense"))
             if has_tn:
@@ -689,6 +747,13 @@ def print_table(
         "in brackets) vs dense over the same window; + = raas slower.\nmax foreign cores: the "
         "most CPU other processes on the machine used during that window, over the arms."
     )
+    if any(
+        "ratio_vs_dense_each" in row for b in summary.values() for row in b["checkpoints"].values()
+    ):
+        print(
+            "repeats: each figure is the geometric mean over the repeats; in brackets each "
+            "repeat's own raas/dense ratio."
+        )
     for conc, block in summary.items():
         for arm, f in block["flat_after_budget"].items():
             pts = ", ".join(
@@ -701,7 +766,8 @@ def print_table(
     print("\nruns (wall time; cores kept busy by other processes on the machine):")
     for r in runs:
         print(
-            f"  x{r.concurrency} {r.arm}: {r.wall_s:.0f}s for {r.max_len} tokens, "
+            f"  x{r.concurrency} {r.arm} (repeat {r.repeat + 1}): {r.wall_s:.0f}s "
+            f"for {r.max_len} tokens, "
             f"foreign load {r.foreign_cpu_cores:.2f} cores"
         )
 
@@ -783,6 +849,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="restart an engine that dies mid-run this many times, redoing the run it was "
         "serving (default %(default)s)",
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every arm this many times, every other pass in reverse order, and report "
+        "geometric means with each pass's ratios (default %(default)s)",
+    )
     p.add_argument("--dtype", default="bfloat16", help="engine dtype (default %(default)s)")
     p.add_argument(
         "--context-length", type=int, help="engine context length (default: max-len + 256)"
@@ -808,6 +881,8 @@ def build_parser() -> argparse.ArgumentParser:
 def make_plans(args: argparse.Namespace) -> list[LevelPlan]:
     if args.window < 1:
         raise SystemExit("--window must be >= 1")
+    if args.repeats < 1:
+        raise SystemExit("--repeats must be >= 1")
     if min(args.concurrency) < 1:
         raise SystemExit("--concurrency values must be >= 1")
     if len(args.max_len) not in (1, len(args.concurrency)):
@@ -880,6 +955,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model": Path(args.model_path).name,
             "dtype": args.dtype,
             "window": args.window,
+            "repeats": args.repeats,
             "budgets": args.budgets,
             "levels": [asdict(p) for p in plans],
             "context_length": context_length,

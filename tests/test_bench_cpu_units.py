@@ -70,3 +70,66 @@ def test_summary_per_measure(bench):
             "48"
         ]["tok_s"]
     )
+
+
+def test_repeats_alternate_the_order_of_the_arms(bench):
+    arms = (
+        bench.Arm("dense", "raas", "dense"),
+        bench.Arm("raas_32", "raas", "raas", 32),
+        bench.Arm("torch_native", "torch_native", None),
+    )
+    plans = [bench.LevelPlan(1, 96, (96,), arms), bench.LevelPlan(2, 96, (96,), arms[:2])]
+    order = [(p.concurrency, a.name, r) for p, a, r in bench.run_order(plans, "raas", 3)]
+    assert order == [
+        (1, "dense", 0),
+        (1, "raas_32", 0),
+        (1, "raas_32", 1),
+        (1, "dense", 1),
+        (1, "dense", 2),
+        (1, "raas_32", 2),
+        (2, "dense", 0),
+        (2, "raas_32", 0),
+        (2, "raas_32", 1),
+        (2, "dense", 1),
+        (2, "dense", 2),
+        (2, "raas_32", 2),
+    ]
+    assert [a.name for _, a, _ in bench.run_order(plans, "torch_native", 2)] == [
+        "torch_native",
+        "torch_native",
+    ]
+    with pytest.raises(SystemExit, match="repeats"):
+        bench.make_plans(bench.build_parser().parse_args(["--out", "x.json", "--repeats", "0"]))
+
+
+def test_summary_over_repeats_is_the_geometric_mean_with_each_pass_kept(bench):
+    plan = bench.LevelPlan(
+        1,
+        96,
+        (96,),
+        (bench.Arm("dense", "raas", "dense"), bench.Arm("raas_32", "raas", "raas", 32)),
+    )
+
+    def run(arm, budget, tok_s, repeat, foreign):
+        p = point(bench, tok_s, tok_s / 2)
+        p.foreign_cpu_cores = foreign
+        return bench.RunResult(
+            arm, "raas", arm.split("_")[0], budget, 1, 96, 10, 1.0, 1.0, {"96": p}, 0.0, repeat
+        )
+
+    runs = [
+        run("dense", None, 4.0, 0, 0.1),
+        run("raas_32", 32, 16.0, 0, 0.0),
+        run("raas_32", 32, 9.0, 1, 0.3),
+        run("dense", None, 9.0, 1, 0.0),
+    ]
+    row = bench.summarize(runs, [32], [plan])["1"]["checkpoints"]["96"]
+    assert row["tok_s"]["dense"] == pytest.approx(6.0)
+    assert row["tok_s"]["raas_32"] == pytest.approx(12.0)
+    assert row["ratio_vs_dense"]["raas_32"] == pytest.approx(2.0)
+    assert row["tok_s_each"] == {"dense": [4.0, 9.0], "raas_32": [16.0, 9.0]}
+    assert row["ratio_vs_dense_each"]["raas_32"] == pytest.approx([4.0, 1.0])
+    assert row["foreign_cpu_cores"] == {"dense": 0.1, "raas_32": 0.3}
+    # One pass: no per-pass lists.
+    single = bench.summarize(runs[:2], [32], [plan])["1"]["checkpoints"]["96"]
+    assert "tok_s_each" not in single and single["ratio_vs_dense"]["raas_32"] == 4.0
