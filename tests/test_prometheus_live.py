@@ -115,6 +115,16 @@ def prometheus(gateway, tmp_path_factory) -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"Prometheus did not start:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.2)
+        # Ready is not scraped: traffic that ends before the first scrape leaves counters
+        # with no increase inside any rate() window (a fast machine finishes it in a second).
+        wait_for(
+            lambda: (
+                has_data(url, 'up{job="raas-gateway"} == 1')
+                and has_data(url, 'raas_kv_requests_total{policy="raas"}')
+            ),
+            30,
+            "Prometheus never scraped the gateway",
+        )
         yield url
     finally:
         stop_process_group(proc, grace_s=10)
