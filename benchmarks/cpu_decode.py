@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -521,7 +522,7 @@ def wait_for_quiet(server: RunningServer, args: argparse.Namespace) -> None:
 
 
 def run_and_log(
-    server: RunningServer, arm: Arm, args: argparse.Namespace, plan: LevelPlan, repeat: int = 0
+    server: RunningServer, arm: Arm, args: argparse.Namespace, plan: LevelPlan, repeat: int
 ) -> RunResult:
     passes = f" (repeat {repeat + 1}/{args.repeats})" if args.repeats > 1 else ""
     log(f"[{arm.engine}] {arm.name} x{plan.concurrency}: {plan.max_len} tokens{passes} ...")
@@ -587,7 +588,7 @@ def summarize(
     included; + means raas is slower. The key "tok_s" holds the measure either way.
     """
     each: dict[tuple[str, int, int], dict[int, float]] = {}
-    foreign: dict[tuple[str, int, int], float | None] = {}
+    foreign: dict[tuple[str, int, int], float] = {}
     for r in runs:
         for cp, c in r.checkpoints.items():
             key = (r.arm, r.concurrency, int(cp))
@@ -595,7 +596,7 @@ def summarize(
             if value is not None:
                 each.setdefault(key, {})[r.repeat] = value
             if c.foreign_cpu_cores is not None:
-                foreign[key] = max(foreign.get(key) or 0.0, c.foreign_cpu_cores)
+                foreign[key] = max(foreign.get(key, 0.0), c.foreign_cpu_cores)
     rate = {key: geometric_mean(list(v.values())) for key, v in each.items()}
     budget_of = {r.arm: r.budget_tokens for r in runs}
     repeated = any(r.repeat > 0 for r in runs)
@@ -669,7 +670,7 @@ def geometric_mean(values: Sequence[float]) -> float:
         return values[0]
     if any(v <= 0 or math.isinf(v) for v in values):
         return min(values) if min(values) <= 0 else math.inf
-    return math.exp(sum(math.log(v) for v in values) / len(values))
+    return statistics.geometric_mean(values)
 
 
 def pct_overhead(raas: float | None, base: float | None) -> float | None:
@@ -747,9 +748,7 @@ def print_table(
         "in brackets) vs dense over the same window; + = raas slower.\nmax foreign cores: the "
         "most CPU other processes on the machine used during that window, over the arms."
     )
-    if any(
-        "ratio_vs_dense_each" in row for b in summary.values() for row in b["checkpoints"].values()
-    ):
+    if any(r.repeat > 0 for r in runs):
         print(
             "repeats: each figure is the geometric mean over the repeats; in brackets each "
             "repeat's own raas/dense ratio."
