@@ -173,21 +173,8 @@ def test_raas_generation_longer_than_the_pool_completes(small_pool_server):
     assert_engine_log_clean(small_pool_server.log_path)
 
 
-def test_retracted_raas_request_resumes_within_its_budget(small_pool_server):
-    """SGLang retracts the decoding request with the fewest output tokens when the pool
-    runs out. A dense request (prompt + 440 tokens) starts first; a raas request (budget
-    32) joins once it decodes, so the two need more than the pool near the dense one's
-    end and the raas one is retracted. It is re-prefilled with its whole history once
-    the dense one finishes; then its generated positions must count as decode pages
-    again and be evicted back to the budget, or it would end holding its history."""
-    url = small_pool_server.url
-    capacity = metric(url, "kv_available_tokens") + metric(url, "num_used_tokens")
-    dense_tokens, raas_tokens = 440, POOL_TOKENS + 88
-    cap = RAAS["budget_tokens"] + 16  # budget + one page
-    assert len(PROMPT) + dense_tokens <= capacity < len(PROMPT) + dense_tokens + len(PROMPT) + cap
-    assert capacity < len(PROMPT) + raas_tokens
-
-    retracted_before = metric(url, "num_retracted_requests_total", 0.0)
+def dense_then_raas(url: str, dense_tokens: int, raas_tokens: int) -> dict[str, Timeline]:
+    """A dense request, then a raas request sent the moment the dense one decodes."""
     results: dict[str, Timeline] = {}
     dense_decoding = threading.Event()
 
@@ -206,11 +193,46 @@ def test_retracted_raas_request_resumes_within_its_budget(small_pool_server):
     finally:
         dense.join(timeout=300)
     assert not dense.is_alive() and "dense" in results, "the dense request did not finish"
+    return results
 
-    assert metric(url, "num_retracted_requests_total", 0.0) > retracted_before
-    assert results["dense"].completion_tokens == dense_tokens
+
+RETRACTION_ATTEMPTS = 3
+
+
+def test_retracted_raas_request_resumes_within_its_budget(small_pool_server):
+    """SGLang retracts the decoding request with the fewest output tokens when the pool
+    runs out. A dense request (prompt + 440 tokens) starts first; a raas request (budget
+    32) joins once it decodes, so the two need more than the pool near the dense one's
+    end and the raas one is retracted. It is re-prefilled with its whole history once
+    the dense one finishes; then its generated positions must count as decode pages
+    again and be evicted back to the budget, or it would end holding its history.
+
+    SGLang admits the raas request only while the dense one has ~366 tokens or fewer
+    left to reserve for; a client starved of CPU for that long (seconds, on a loaded
+    2-core machine) sends it too late, both then run one after the other and nothing is
+    retracted. That is a property of the load, not of the backend, so the scenario is
+    run again (each run must still finish both requests in full and free everything)."""
+    url = small_pool_server.url
+    capacity = metric(url, "kv_available_tokens") + metric(url, "num_used_tokens")
+    dense_tokens, raas_tokens = 440, POOL_TOKENS + 88
+    cap = RAAS["budget_tokens"] + 16  # budget + one page
+    assert len(PROMPT) + dense_tokens <= capacity < len(PROMPT) + dense_tokens + len(PROMPT) + cap
+    assert capacity < len(PROMPT) + raas_tokens
+
+    retracted = False
+    for _attempt in range(RETRACTION_ATTEMPTS):
+        retracted_before = metric(url, "num_retracted_requests_total", 0.0)
+        results = dense_then_raas(url, dense_tokens, raas_tokens)
+        assert results["dense"].completion_tokens == dense_tokens
+        assert results["raas"].completion_tokens == raas_tokens
+        retracted = metric(url, "num_retracted_requests_total", 0.0) > retracted_before
+        if retracted:
+            break
+        wait_idle(url)
+        assert metric(url, "kv_available_tokens") == capacity
+    assert retracted, f"no retraction in {RETRACTION_ATTEMPTS} runs: the raas one joined too late"
+
     raas = results["raas"]
-    assert raas.completion_tokens == raas_tokens
     assert raas.finish_reason["type"] == "length"
     kv = raas.kv
     assert kv is not None and kv["policy"] == "raas"
