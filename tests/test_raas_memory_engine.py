@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,23 +57,20 @@ def small_pool_server(bundled_model_path, tmp_path_factory):
 
 
 @dataclass
-class Timeline:
-    first_token_s: float
-    done_s: float
+class Outcome:
     completion_tokens: int
     finish_reason: Any
+    retractions: int
     kv: dict[str, Any] | None = None
 
 
-def stream_generate(
-    url: str,
-    policy: dict[str, Any],
-    max_new_tokens: int,
-    decoding: threading.Event | None = None,
-) -> Timeline:
-    """One streamed generation; `decoding` is set once its first token arrives."""
+def generate_chunks(
+    url: str, input_ids: list[Any], policy: dict[str, Any], max_new_tokens: int
+) -> Iterator[dict[str, Any]]:
+    """The chunks of one streamed /generate request (a batch when input_ids is a list
+    of prompts), in the order the engine sent them."""
     body = {
-        "input_ids": PROMPT,
+        "input_ids": input_ids,
         "stream": True,
         "sampling_params": {
             "max_new_tokens": max_new_tokens,
@@ -81,28 +79,33 @@ def stream_generate(
             "custom_params": {"kv_policy": policy},
         },
     }
-    first = None
-    last: dict[str, Any] = {}
     with (
         httpx.Client(timeout=300) as client,
         client.stream("POST", f"{url}/generate", json=body) as resp,
     ):
         assert resp.status_code == 200, resp.read()
         for line in resp.iter_lines():
-            if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                continue
-            chunk = json.loads(line[len("data:") :])
-            if first is None and chunk["meta_info"]["completion_tokens"] > 0:
-                first = time.monotonic()
-                if decoding is not None:
-                    decoding.set()
-            last = chunk
-    assert first is not None and last, "the stream carried no token"
-    return Timeline(
-        first_token_s=first,
-        done_s=time.monotonic(),
+            if line.startswith("data:") and line.strip() != "data: [DONE]":
+                yield json.loads(line[len("data:") :])
+
+
+def stream_generate(
+    url: str,
+    policy: dict[str, Any],
+    max_new_tokens: int,
+    decoding: threading.Event | None = None,
+) -> Outcome:
+    """One streamed generation; `decoding` is set once its first token arrives."""
+    last: dict[str, Any] = {}
+    for chunk in generate_chunks(url, PROMPT, policy, max_new_tokens):
+        if decoding is not None and chunk["meta_info"]["completion_tokens"] > 0:
+            decoding.set()
+        last = chunk
+    assert last and last["meta_info"]["completion_tokens"] > 0, "the stream carried no token"
+    return Outcome(
         completion_tokens=last["meta_info"]["completion_tokens"],
         finish_reason=last["meta_info"]["finish_reason"],
+        retractions=last["meta_info"].get("num_retractions", 0),
         kv=last["meta_info"].get("raas_kv_cache"),
     )
 
@@ -115,34 +118,16 @@ def run_concurrently(url: str, policy: dict[str, Any]) -> tuple[list[int], int]:
     generation's chunks in the order the engine produced them; so "decoding together"
     is read from that order (a first chunk before another's last one), not from client
     clocks, which a CPU-starved client would skew."""
-    body = {
-        "input_ids": [PROMPT] * CONCURRENT,
-        "stream": True,
-        "sampling_params": {
-            "max_new_tokens": NEW_TOKENS,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "custom_params": {"kv_policy": policy},
-        },
-    }
     produced = [0] * CONCURRENT
     live = peak = 0
-    with (
-        httpx.Client(timeout=300) as client,
-        client.stream("POST", f"{url}/generate", json=body) as resp,
-    ):
-        assert resp.status_code == 200, resp.read()
-        for line in resp.iter_lines():
-            if not line.startswith("data:") or line.strip() == "data: [DONE]":
-                continue
-            chunk = json.loads(line[len("data:") :])
-            i, meta = chunk["index"], chunk["meta_info"]
-            if produced[i] == 0 and meta["completion_tokens"] > 0:
-                live += 1
-                peak = max(peak, live)
-            produced[i] = meta["completion_tokens"]
-            if meta["finish_reason"] is not None:
-                live -= 1
+    for chunk in generate_chunks(url, [PROMPT] * CONCURRENT, policy, NEW_TOKENS):
+        i, meta = chunk["index"], chunk["meta_info"]
+        if produced[i] == 0 and meta["completion_tokens"] > 0:
+            live += 1
+            peak = max(peak, live)
+        produced[i] = meta["completion_tokens"]
+        if meta["finish_reason"] is not None:
+            live -= 1
     return produced, peak
 
 
@@ -187,9 +172,9 @@ def test_raas_generation_longer_than_the_pool_completes(small_pool_server):
     assert_engine_log_clean(small_pool_server.log_path)
 
 
-def dense_then_raas(url: str, dense_tokens: int, raas_tokens: int) -> dict[str, Timeline]:
+def dense_then_raas(url: str, dense_tokens: int, raas_tokens: int) -> dict[str, Outcome]:
     """A dense request, then a raas request sent the moment the dense one decodes."""
-    results: dict[str, Timeline] = {}
+    results: dict[str, Outcome] = {}
     dense_decoding = threading.Event()
 
     def run(name: str, policy: dict[str, Any], tokens: int, event: threading.Event | None) -> None:
@@ -247,6 +232,7 @@ def test_retracted_raas_request_resumes_within_its_budget(small_pool_server):
     assert retracted, f"no retraction in {RETRACTION_ATTEMPTS} runs: the raas one joined too late"
 
     raas = results["raas"]
+    assert (raas.retractions, results["dense"].retractions) == (1, 0)
     assert raas.finish_reason["type"] == "length"
     kv = raas.kv
     assert kv is not None and kv["policy"] == "raas"
