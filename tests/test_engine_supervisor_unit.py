@@ -62,7 +62,8 @@ def test_failed_starts_back_off_exponentially_up_to_the_cap(tmp_path):
     gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
     # Each gap is the backoff plus noticing the exit (a 0.5 s poll) and a Python start.
     for gap, backoff in zip(gaps, (0.5, 1.0, 2.0, 2.0), strict=False):
-        assert backoff <= gap < backoff + 1.5, (gaps, backoff)
+        # Under 1.9 s of slack: a capped 2 s backoff is still told from an uncapped 4 s.
+        assert backoff <= gap < backoff + 1.9, (gaps, backoff)
 
 
 def _times(path: Path) -> list[float]:
