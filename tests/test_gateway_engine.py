@@ -178,8 +178,13 @@ def test_engine_side_policy_validation_is_a_400_naming_the_field(gw):
 
 def test_overload_is_429_with_retry_after(engine):
     with gateway(engine, max_in_flight=1, max_queue=0) as url:
+        # ignore_eos: the held stream must not end (by EOS) before the second request.
         stream = client(url).chat.completions.create(
-            model=MODEL, messages=LONG, max_tokens=200, stream=True
+            model=MODEL,
+            messages=LONG,
+            max_tokens=2000,
+            stream=True,
+            extra_body={"ignore_eos": True},
         )
         try:
             next(iter(stream))
@@ -202,6 +207,11 @@ def gateway_aborts(gw: str) -> float:
     return gateway_metric(gw, "raas_engine_aborts_total", reason="client_disconnected")
 
 
+# A 2000-token generation takes minutes here: the 20 s waits below prove that a
+# disconnect or a timeout stops it, with room for a client starved of CPU.
+ABORT_WAIT_S = 20
+
+
 def test_stream_disconnect_aborts_in_sglang(engine, gw):
     aborted = engine_metric(engine, "sglang:num_aborted_requests_total")
     ours = gateway_aborts(gw)
@@ -212,10 +222,12 @@ def test_stream_disconnect_aborts_in_sglang(engine, gw):
     next(chunks)
     next(chunks)
     stream.close()
-    wait_for(lambda: engine_metric(engine, "sglang:num_aborted_requests_total") > aborted, 5)
-    wait_for(lambda: engine_metric(engine, "sglang:num_running_reqs") == 0, 5)
-    wait_for(lambda: generation_stopped(engine), 5)
-    wait_for(lambda: gateway_aborts(gw) == ours + 1, 5)
+    wait_for(
+        lambda: engine_metric(engine, "sglang:num_aborted_requests_total") > aborted, ABORT_WAIT_S
+    )
+    wait_for(lambda: engine_metric(engine, "sglang:num_running_reqs") == 0, ABORT_WAIT_S)
+    wait_for(lambda: generation_stopped(engine), ABORT_WAIT_S)
+    wait_for(lambda: gateway_aborts(gw) == ours + 1, ABORT_WAIT_S)
 
 
 def test_non_stream_disconnect_aborts_in_sglang(engine, gw):
@@ -227,9 +239,11 @@ def test_non_stream_disconnect_aborts_in_sglang(engine, gw):
             json={"model": MODEL, "messages": LONG, "max_tokens": 2000, "ignore_eos": True},
             timeout=httpx.Timeout(10, read=1.5),
         )
-    wait_for(lambda: engine_metric(engine, "sglang:num_aborted_requests_total") > aborted, 5)
-    wait_for(lambda: generation_stopped(engine), 5)
-    wait_for(lambda: gateway_aborts(gw) == ours + 1, 5)
+    wait_for(
+        lambda: engine_metric(engine, "sglang:num_aborted_requests_total") > aborted, ABORT_WAIT_S
+    )
+    wait_for(lambda: generation_stopped(engine), ABORT_WAIT_S)
+    wait_for(lambda: gateway_aborts(gw) == ours + 1, ABORT_WAIT_S)
 
 
 def test_upstream_timeout_is_504_and_frees_the_engine(engine):
@@ -239,7 +253,7 @@ def test_upstream_timeout_is_504_and_frees_the_engine(engine):
                 model=MODEL, messages=LONG, max_tokens=2000, extra_body={"ignore_eos": True}
             )
         assert exc.value.status_code == 504
-        wait_for(lambda: generation_stopped(engine), 5)
+        wait_for(lambda: generation_stopped(engine), ABORT_WAIT_S)
 
 
 def test_queued_requests_are_served_in_turn(engine):
@@ -263,7 +277,16 @@ def test_queued_requests_are_served_in_turn(engine):
 
 
 def test_metrics_reexport_the_engine_and_pass_promtool(gw):
-    text = httpx.get(f"{gw}/metrics").text
+    # The engine's part of a scrape waits up to 2 s for the engine's own /metrics; on a
+    # loaded machine one scrape may go without it, the next one has it.
+    texts: list[str] = []
+
+    def engine_part_in() -> bool:
+        texts.append(httpx.get(f"{gw}/metrics").text)
+        return "raas_engine_up 1.0" in texts[-1]
+
+    wait_for(engine_part_in, 30)
+    text = texts[-1]
     for needle in (
         "raas_engine_up 1.0",
         "raas_engine_ready 1.0",

@@ -40,7 +40,7 @@ DURATION_S = 20.0
 # closed the upstream, so a client may see its stream end slightly before the slot is
 # free: a request that ended this little before a refused one was sent still counts as
 # outstanding for it.
-SLOT_RELEASE_SLACK_S = 0.25
+SLOT_RELEASE_SLACK_S = 1.0  # also covers a gateway starved of CPU for a moment
 STACK = {
     "model_name": MODEL,
     "max_total_tokens": 16384,

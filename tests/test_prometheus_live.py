@@ -2,7 +2,7 @@
 
 The engine is the tiny random-weight Llama (`--load-format dummy`) with the raas backend;
 the gateway runs in remote mode in this process; Prometheus (Debian's package) runs on
-127.0.0.1 with a 1 s scrape interval and the alert rules of deploy/prometheus loaded.
+127.0.0.1 with a 3 s scrape interval and the alert rules of deploy/prometheus loaded.
 After traffic that exercises every panel (each KV policy, streaming and not, a 400, 429s,
 a client disconnect), every PromQL expression of the Grafana dashboard must return data,
 every alert expression must parse and evaluate, and `promtool check metrics` must accept
@@ -15,7 +15,6 @@ import contextlib
 import os
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -78,7 +77,10 @@ def prometheus(gateway, tmp_path_factory) -> Iterator[str]:
     binary = need_binary("prometheus")
     workdir = tmp_path_factory.mktemp("prometheus")
     config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        # The gateway's /metrics waits up to 2 s for the engine's: a scrape timeout
+        # below that (Prometheus caps it at the interval) would mark every series stale
+        # whenever a loaded machine slows the engine down.
+        "global": {"scrape_interval": "3s", "scrape_timeout": "3s", "evaluation_interval": "1s"},
         "rule_files": [str(PROMETHEUS / "alerts.yaml")],
         "scrape_configs": [
             {
@@ -188,23 +190,25 @@ def traffic(gateway, prometheus) -> str:
     with pytest.raises(openai.BadRequestError):
         chat(gateway, {"name": "raas", "budget_tokens": 1}, stream=False)
 
-    # 429s: four at once against max_in_flight=2 and no queue.
-    errors: list[BaseException] = []
-
-    def one() -> None:
-        try:
-            chat(gateway, POLICIES[0], stream=False, max_tokens=96)
-        except openai.RateLimitError:
-            pass
-        except BaseException as exc:  # noqa: BLE001 (reported below)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    # 429: two long streams hold both slots (max_in_flight=2, no queue), a third is refused.
+    held = [
+        client(gateway).chat.completions.create(
+            model=MODEL,
+            messages=PROMPT,
+            max_tokens=1024,
+            stream=True,
+            extra_body={"kv_policy": POLICIES[0], "ignore_eos": True},
+        )
+        for _ in range(2)
+    ]
+    try:
+        for stream in held:
+            next(iter(stream))  # admitted and decoding
+        with pytest.raises(openai.RateLimitError):
+            chat(gateway, POLICIES[0], stream=False)
+    finally:
+        for stream in held:
+            stream.close()
     assert gateway_metric(gateway, "raas_admission_rejections_total") >= 1
 
     # A client that goes away mid-stream: the gateway aborts the request in the engine.
@@ -249,11 +253,19 @@ def grafana_substitute(expr: str) -> str:
 
 
 def test_every_dashboard_query_returns_data(traffic) -> None:
-    empty = []
-    for title, expr in dashboard_expressions():
-        if not query(traffic, grafana_substitute(expr))["result"]:
-            empty.append(f"{title}: {expr}")
-    assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+    def empty() -> list[str]:
+        return [
+            f"{title}: {expr}"
+            for title, expr in dashboard_expressions()
+            if not query(traffic, grafana_substitute(expr))["result"]
+        ]
+
+    # Retried for a while: one failed scrape (a starved machine) leaves instant queries
+    # empty until the next one.
+    deadline = time.monotonic() + 30
+    while (missing := empty()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not missing, "dashboard queries without data:\n" + "\n".join(missing)
 
 
 def test_every_alert_expression_evaluates(traffic) -> None:
@@ -273,8 +285,9 @@ def test_every_alert_expression_evaluates(traffic) -> None:
     assert {r["name"] for r in loaded} == {r["alert"] for r in alert_rules()}
     for rule in loaded:
         assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
-    # A healthy gateway with a live engine: the availability alerts stay quiet.
-    firing = {r["name"] for r in loaded if r["state"] != "inactive"}
+    # A healthy gateway with a live engine: the availability alerts do not fire (one
+    # failed scrape on a loaded machine may make them pending, never firing).
+    firing = {r["name"] for r in loaded if r["state"] == "firing"}
     assert not firing & {"RaasGatewayAbsent", "RaasEngineDown"}
 
 
@@ -282,6 +295,7 @@ def test_kv_savings_show_in_prometheus(traffic) -> None:
     """raas with a 32-token budget on 48-token answers keeps less than dense would."""
 
     def value(promql: str) -> float:
+        wait_for(lambda: has_data(traffic, promql), 30, f"no data for {promql}")
         (sample,) = query(traffic, promql)["result"]
         return float(sample["value"][1])
 

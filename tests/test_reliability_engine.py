@@ -320,7 +320,9 @@ def test_stalled_engine_is_504_then_an_abort_frees_its_kv(served):
         assert exc.value.status_code == 504
         assert exc.value.body["code"] == "upstream_timeout"
         assert exc.value.body["type"] == "server_error"
-        assert time.monotonic() - started < 5
+        # Far short of the ~1000-token answer (tens of seconds here), with room for a
+        # client starved of CPU on a shared machine.
+        assert time.monotonic() - started < 20
         wait_for(lambda: kv_freed(engine), 10)
 
         # Streaming: chunks flow, then the engine goes silent past the timeout.
@@ -330,7 +332,9 @@ def test_stalled_engine_is_504_then_an_abort_frees_its_kv(served):
             body = stream_error(chunks)
             waited = time.monotonic() - started
         assert body["code"] == "upstream_timeout", body
-        assert 0.9 < waited < 5
+        # The clock starts after the freeze, so a starved client reads less than the
+        # 1 s timeout; the error code says which timer fired.
+        assert waited < 20
         wait_for(lambda: kv_freed(engine), 10)
     assert metric(engine, "num_aborted_requests_total") >= aborted + 2
     assert httpx.get(f"{served.url}/health/ready").status_code == 200
@@ -342,8 +346,8 @@ def test_engine_killed_mid_stream_errors_every_stream_then_recovers(served):
     os.killpg(served.engine_pid(), signal.SIGKILL)
     for chunks in streams:
         assert stream_error(chunks)["code"] == "engine_unavailable"
-    wait_for(lambda: httpx.get(f"{served.url}/health/ready").status_code == 503, 10)
-    assert gateway_metric(served.url, "raas_requests_in_flight") == 0
+    wait_for(lambda: httpx.get(f"{served.url}/health/ready").status_code == 503, 30)
+    wait_for(lambda: gateway_metric(served.url, "raas_requests_in_flight") == 0, 30)
 
     try:
         wait_ready(served.url, timeout_s=START_TIMEOUT_S)
@@ -385,7 +389,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_cleanly(served):
     wait_for(lambda: gateway_metric(served.url, "raas_requests_in_flight") == 3, 30)
 
     served.process.send_signal(signal.SIGTERM)
-    wait_for(lambda: httpx.get(f"{served.url}/health/ready").status_code == 503, 5)
+    wait_for(lambda: httpx.get(f"{served.url}/health/ready").status_code == 503, 30)
     assert httpx.get(f"{served.url}/health/ready").json()["status"] == "draining"
     with pytest.raises(openai.InternalServerError) as exc:
         client(served.url).chat.completions.create(model=MODEL, messages=LONG, max_tokens=4)
