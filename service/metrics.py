@@ -367,12 +367,21 @@ class GatewayMetrics:
         self._retained_sum: dict[str, float] = defaultdict(float)
         self._dense_sum: dict[str, float] = defaultdict(float)
         self._restarts_seen = 0
-        # Pre-create the policy series so dashboards see zeros instead of gaps.
+        # Pre-create the policy series so dashboards see zeros instead of gaps, and so
+        # that rate() sees a request's first increment: a counter whose series first
+        # appears already incremented reads as flat (the per-request panels divide by
+        # raas_kv_reported_requests_total and stayed empty after the first requests).
         for policy in POLICY_NAMES:
-            self.kv_requests.labels(policy)
-            self.kv_retained_tokens.labels(policy)
-            self.kv_dense_tokens.labels(policy)
-            self.kv_evicted_pages.labels(policy)
+            for counter in (
+                self.kv_requests,
+                self.kv_reported,
+                self.kv_retained_tokens,
+                self.kv_dense_tokens,
+                self.kv_retained_bytes,
+                self.kv_dense_bytes,
+                self.kv_evicted_pages,
+            ):
+                counter.labels(policy)
 
     def set_bytes_per_kv_token(self, value: int | None) -> None:
         self.bytes_per_kv_token = value

@@ -454,7 +454,12 @@ def test_kv_metrics_by_policy():
     assert get("raas_kv_evicted_pages_total", {"policy": "raas"}) == 6
     assert get("raas_kv_savings_ratio", {"policy": "raas"}) == pytest.approx(1 - 500 / 1500)
     assert get("raas_kv_requests_total", {"policy": "dense"}) == 1
-    assert get("raas_kv_reported_requests_total", {"policy": "dense"}) is None
+    # Counted, but without a report it adds nothing to the reported series (pre-created
+    # at zero for every policy, so that rate() sees the first report).
+    assert get("raas_kv_reported_requests_total", {"policy": "dense"}) == 0
+    assert get("raas_kv_reported_requests_total", {"policy": "raas"}) == 2
+    for policy in ("raas", "streaming", "h2o", "quest", "dense"):
+        assert get("raas_kv_retained_bytes_total", {"policy": policy}) is not None
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
