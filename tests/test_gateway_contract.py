@@ -17,7 +17,8 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -70,8 +71,11 @@ class FakeEngine:
         self.app.get("/health")(lambda: PlainTextResponse("ok"))
         self.app.get("/metrics")(lambda: PlainTextResponse(ENGINE_METRICS))
 
+    def gate(self, name: str) -> threading.Event:
+        return self.gates.setdefault(name, threading.Event())
+
     async def hold(self, name: str) -> None:
-        gate = self.gates.setdefault(name, threading.Event())
+        gate = self.gate(name)
         deadline = time.monotonic() + HOLD_LIMIT_S  # never hang the suite
         while not gate.is_set() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -515,7 +519,7 @@ def test_upstream_timeout_is_504_and_aborts(engine):
     fake, engine_url = engine
     with gateway(engine_url, upstream_timeout_s=0.5) as url, held(fake, "timeout") as hold:
         with pytest.raises(openai.InternalServerError) as exc:
-            client(url).chat.completions.create(model=MODEL, messages=hold)
+            client(url).chat.completions.create(model=MODEL, messages=hold.messages)
         assert exc.value.status_code == 504
         assert exc.value.body["code"] == "upstream_timeout"
         rid = fake.bodies[-1]["rid"]
@@ -557,13 +561,21 @@ def test_stream_stalled_mid_body_is_a_timeout_event_and_aborts(engine):
 # --- admission --------------------------------------------------------------------------
 
 
+@dataclass
+class Hold:
+    """`messages` make a request the fake engine holds until `release()` (or the end of
+    the `held` block, whichever comes first)."""
+
+    messages: list[dict[str, str]]
+    release: Callable[[], None]
+
+
 @contextlib.contextmanager
-def held(fake: FakeEngine, name: str) -> Iterator[list[dict[str, str]]]:
-    """Messages whose request the fake engine holds until the block ends."""
-    gate = fake.gates.setdefault(name, threading.Event())
+def held(fake: FakeEngine, name: str) -> Iterator[Hold]:
+    gate = fake.gate(name)
     gate.clear()
     try:
-        yield say(f"hold:{name}")
+        yield Hold(say(f"hold:{name}"), gate.set)
     finally:
         gate.set()
 
@@ -598,7 +610,9 @@ def test_queue_full_is_429_with_retry_after(engine):
         c = client(url)
         results: list[str] = []
         holder = background(
-            lambda: results.append(c.chat.completions.create(model=MODEL, messages=hold).id)
+            lambda: results.append(
+                c.chat.completions.create(model=MODEL, messages=hold.messages).id
+            )
         )
         wait_for(lambda: gauge(url, "raas_requests_in_flight") == 1)
         queued = background(
@@ -609,7 +623,7 @@ def test_queue_full_is_429_with_retry_after(engine):
             c.chat.completions.create(model=MODEL, messages=say("x"))
         assert exc.value.response.headers["retry-after"] == "2"
         assert exc.value.body["code"] == "queue_full"
-        fake.gates["queue_full"].set()
+        hold.release()
         holder.join(20)
         queued.join(20)
         assert len(results) == 2  # the queued request was served once the slot freed
@@ -625,14 +639,16 @@ def test_per_key_concurrency_is_429(engine, tmp_path):
     fake, engine_url = engine
     with gateway(engine_url, api_keys_file=keys) as url, held(fake, "per_key") as hold:
         holder = background(
-            lambda: client(url, "sk-one").chat.completions.create(model=MODEL, messages=hold)
+            lambda: client(url, "sk-one").chat.completions.create(
+                model=MODEL, messages=hold.messages
+            )
         )
         wait_for(lambda: gauge(url, "raas_requests_in_flight") == 1)
         with pytest.raises(openai.RateLimitError) as exc:
             client(url, "sk-one").chat.completions.create(model=MODEL, messages=say("x"))
         assert exc.value.body["code"] == "key_concurrency"
         client(url, "sk-two").chat.completions.create(model=MODEL, messages=say("x"))
-        fake.gates["per_key"].set()
+        hold.release()
         holder.join(20)
 
 
@@ -654,7 +670,7 @@ def test_non_stream_disconnect_aborts_in_engine(engine, gw):
     with held(fake, "non_stream_disconnect") as hold, pytest.raises(httpx.ReadTimeout):
         httpx.post(
             f"{gw}/v1/chat/completions",
-            json={"model": MODEL, "messages": hold},
+            json={"model": MODEL, "messages": hold.messages},
             timeout=httpx.Timeout(5, read=0.5),
         )
     rid = fake.bodies[-1]["rid"]
@@ -718,7 +734,9 @@ def test_drain_finishes_in_flight_refuses_new_then_stops(engine):
         wait_ready(url, timeout_s=10)
         done: list[Any] = []
         slow = background(
-            lambda: done.append(client(url).chat.completions.create(model=MODEL, messages=hold))
+            lambda: done.append(
+                client(url).chat.completions.create(model=MODEL, messages=hold.messages)
+            )
         )
         wait_for(lambda: gauge(url, "raas_requests_in_flight") == 1)
         servers[0].handle_exit(signal.SIGTERM, None)  # what uvicorn calls on the signal
@@ -728,7 +746,7 @@ def test_drain_finishes_in_flight_refuses_new_then_stops(engine):
             client(url).chat.completions.create(model=MODEL, messages=say("hi"))
         assert exc.value.status_code == 503 and exc.value.body["code"] == "shutting_down"
         assert not servers[0].should_exit
-        fake.gates["drain"].set()
+        hold.release()
         slow.join(10)
         assert done and done[0].choices[0].message.content == "a b c"
         wait_for(lambda: servers[0].should_exit, 5)

@@ -55,6 +55,15 @@ def metric(url: str, name: str, default: float | None = None) -> float:
     return sum(values)
 
 
+def wait_idle(url: str) -> None:
+    """Until the engine holds no KV (a finished request's slots go back at once; the
+    metric follows within a moment), failing after 30 s."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and metric(url, "num_used_tokens") != 0:
+        time.sleep(0.2)
+    assert metric(url, "num_used_tokens") == 0
+
+
 @pytest.fixture(scope="module")
 def tokenized(bundled_model_path) -> list[list[int]]:
     from transformers import AutoTokenizer
@@ -154,10 +163,7 @@ def test_engine_kv_usage_is_bounded_by_budget(raas_server, tokenized):
     # Dense holds every token. Sampled every 0.1 s, so the last steps may be missed (by
     # seconds on a loaded machine): enough that it held far more than raas ever may.
     assert dense_peak > len(ids) + 2 * (budget + PAGE)
-    deadline = time.monotonic() + 30  # the finished request's slots go back at once
-    while metric(raas_server.url, "num_used_tokens") != 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert metric(raas_server.url, "num_used_tokens") == 0
+    wait_idle(raas_server.url)
 
 
 def test_invalid_kv_policy_is_a_400_and_the_engine_survives(raas_server, tokenized):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import pytest
 
 from tests.support.sglang_server import assert_engine_log_clean
 from tests.support.tiny_model import tiny_engine
-from tests.test_raas_engine import metric
+from tests.test_raas_engine import metric, wait_idle
 
 pytestmark = pytest.mark.engine
 
@@ -129,13 +128,6 @@ def run_concurrently(url: str, policy: dict[str, Any]) -> tuple[list[int], int]:
         if meta["finish_reason"] is not None:
             live -= 1
     return produced, peak
-
-
-def wait_idle(url: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and metric(url, "num_used_tokens") != 0:
-        time.sleep(0.2)
-    assert metric(url, "num_used_tokens") == 0
 
 
 def test_pool_too_small_for_dense_serves_all_raas_requests_at_once(small_pool_server):
