@@ -92,6 +92,7 @@ from tests.support.sglang_server import (  # noqa: E402
     free_port,
     sglang_server,
     stop_process_group,
+    tree_cpu_s,
     tree_jiffies,
     wait_healthy,
 )
@@ -246,11 +247,11 @@ class CpuMeter:
     engine_pid: int
     start_wall: float = 0.0
     start_busy: int = 0
-    start_gateway: int = 0
+    start_gateway: float = 0.0
     start_ours: int = 0
 
-    def _gateway(self) -> int:
-        return tree_jiffies(descendants(self.gateway_pid) | {self.gateway_pid})
+    def _gateway(self) -> float:
+        return tree_cpu_s(descendants(self.gateway_pid) | {self.gateway_pid})
 
     def _ours(self) -> int:
         pids = {self.engine_pid, self.gateway_pid, os.getpid()}
@@ -269,7 +270,7 @@ class CpuMeter:
         wall = time.perf_counter() - self.start_wall
         foreign = (cpu_jiffies()[0] - self.start_busy) - (self._ours() - self.start_ours)
         return {
-            "gateway_cpu_s": (self._gateway() - self.start_gateway) / hz,
+            "gateway_cpu_s": self._gateway() - self.start_gateway,
             "foreign_cpu_cores": max(0.0, foreign / hz / wall) if wall > 0 else 0.0,
         }
 
