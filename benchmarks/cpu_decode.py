@@ -56,6 +56,7 @@ from tests.support.sglang_server import (  # noqa: E402
     RunningServer,
     descendants,
     sglang_server,
+    tree_cpu_s,
     tree_jiffies,
 )
 
@@ -182,8 +183,8 @@ class ForeignCpu:
         return max(0.0, foreign / elapsed)
 
 
-def engine_jiffies(engine_pid: int) -> int:
-    return tree_jiffies(descendants(engine_pid) | {engine_pid})
+def engine_cpu_s(engine_pid: int) -> float:
+    return tree_cpu_s(descendants(engine_pid) | {engine_pid})
 
 
 @dataclass
@@ -210,7 +211,7 @@ class Probe:
     foreign: dict[int, float] = field(default_factory=dict)
     cpu: dict[int, CpuWindow] = field(default_factory=dict)
     _open: dict[int, ForeignCpu] = field(default_factory=dict)
-    _cpu_open: dict[int, tuple[float, int]] = field(default_factory=dict)
+    _cpu_open: dict[int, tuple[float, float]] = field(default_factory=dict)
     _done: set[tuple[str, int]] = field(default_factory=set)
 
     async def on_tokens(self, client: httpx.AsyncClient, n: int, now: float) -> None:
@@ -218,16 +219,15 @@ class Probe:
             if n >= cp - self.window and ("start", cp) not in self._done:
                 self._done.add(("start", cp))
                 self._open[cp] = ForeignCpu(self.engine_pid).start()
-                self._cpu_open[cp] = (now, engine_jiffies(self.engine_pid))
+                self._cpu_open[cp] = (now, engine_cpu_s(self.engine_pid))
             if n >= cp - self.window // 2 and ("kv", cp) not in self._done:
                 self._done.add(("kv", cp))
                 self.kv_used[cp] = await kv_used(client, self.url)
             if n >= cp and ("end", cp) not in self._done and cp in self._open:
                 self._done.add(("end", cp))
                 self.foreign[cp] = self._open.pop(cp).cores()
-                t0, j0 = self._cpu_open.pop(cp)
-                cpu_s = (engine_jiffies(self.engine_pid) - j0) / os.sysconf("SC_CLK_TCK")
-                self.cpu[cp] = CpuWindow(t0, now, cpu_s)
+                t0, cpu0 = self._cpu_open.pop(cp)
+                self.cpu[cp] = CpuWindow(t0, now, engine_cpu_s(self.engine_pid) - cpu0)
 
 
 def parse_metric(text: str, name: str) -> float | None:
