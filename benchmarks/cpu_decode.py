@@ -635,6 +635,9 @@ def summarize(
                     for arm in here
                     if arm != "dense"
                 }
+            ceiling = dense_ceiling(rate, conc, cp, plan.checkpoints, budget_of)
+            if ceiling:
+                row["ratio_ceiling"] = ceiling
             if tn is not None:
                 row["overhead_pct_vs_torch_native"] = {
                     arm: pct_overhead(v, tn)
@@ -663,6 +666,34 @@ def summarize(
             "flat_after_budget": flat,
         }
     return summary
+
+
+def dense_ceiling(
+    rate: dict[tuple[str, int, int], float],
+    conc: int,
+    cp: int,
+    checkpoints: Sequence[int],
+    budget_of: dict[str, int | None],
+) -> dict[str, float]:
+    """Per raas arm past its budget B: dense's measure at the first checkpoint >= B over
+    dense's at cp, the raas/dense ratio raas would reach if its step cost what dense's
+    costs at B's length.
+
+    Past its budget raas attends at least as many keys as dense does in that window (the
+    prompt, B retained tokens and the tail page), so unless raas's step is cheaper than
+    dense's at the same number of keys this bounds its ratio: dense's own slowdown from B
+    to cp. A target above it cannot be met on the machine that measured it.
+    """
+    dense_here = rate.get(("dense", conc, cp))
+    out: dict[str, float] = {}
+    for arm, budget in budget_of.items():
+        if not arm.startswith("raas_") or not budget or cp <= budget or not dense_here:
+            continue
+        at_budget = next((c for c in sorted(checkpoints) if c >= budget), None)
+        dense_at_budget = rate.get(("dense", conc, at_budget)) if at_budget else None
+        if dense_at_budget is not None and at_budget is not None and at_budget < cp:
+            out[arm] = dense_at_budget / dense_here
+    return out
 
 
 def geometric_mean(values: Sequence[float]) -> float:
@@ -753,6 +784,14 @@ def print_table(
             "repeats: each figure is the geometric mean over the repeats; in brackets each "
             "repeat's own raas/dense ratio."
         )
+    for conc, block in summary.items():
+        for cp, row in block["checkpoints"].items():
+            for arm, ceiling in row.get("ratio_ceiling", {}).items():
+                print(
+                    f"concurrency {conc}, {arm} at {cp}: ceiling {ceiling:.2f}x (dense's own "
+                    f"slowdown from the budget to {cp}; measured "
+                    f"{fmt(row['ratio_vs_dense'].get(arm), '.2f')}x)"
+                )
     for conc, block in summary.items():
         for arm, f in block["flat_after_budget"].items():
             pts = ", ".join(

@@ -91,9 +91,13 @@ def test_summary_has_ratios_and_overheads(results, summary):
             overhead = row["overhead_pct_vs_dense"]
             assert set(overhead) == {"raas_nobudget"}
             assert math.isfinite(overhead["raas_nobudget"])
+        ceiling = block["checkpoints"]["96"]["ratio_ceiling"]
+        assert set(ceiling) == {f"raas_{BUDGET}"} and positive(ceiling[f"raas_{BUDGET}"])
+        assert "ratio_ceiling" not in block["checkpoints"]["48"]
         flat = block["flat_after_budget"][f"raas_{BUDGET}"]
         assert flat["checkpoints"] == [48, 96]
         assert positive(flat["min_over_max"]) and flat["min_over_max"] <= 1
     assert f"raas_{BUDGET}/dense" in table
     assert "overhead % vs dense" in table
+    assert f"raas_{BUDGET} at 96: ceiling" in table
     assert "tokens per engine CPU-second" in table

@@ -77,6 +77,11 @@ def test_summary_per_measure(bench):
     assert wall["1"]["checkpoints"]["96"]["ratio_vs_dense"] == {"raas_32": 1.25}
     assert cpu["1"]["checkpoints"]["96"]["ratio_vs_dense"] == {"raas_32": 1.5}
     assert cpu["1"]["flat_after_budget"]["raas_32"]["min_over_max"] == pytest.approx(5 / 6)
+    # The ceiling is dense's own slowdown from the first checkpoint past the budget (48)
+    # to here; at 48 itself there is no earlier dense window to compare with.
+    assert wall["1"]["checkpoints"]["96"]["ratio_ceiling"] == {"raas_32": 1.25}
+    assert cpu["1"]["checkpoints"]["96"]["ratio_ceiling"] == {"raas_32": 1.25}
+    assert "ratio_ceiling" not in wall["1"]["checkpoints"]["48"]
     # A window without a CPU figure is left out of that measure only.
     runs[1].checkpoints["48"] = point(bench, 10, None)
     assert (
