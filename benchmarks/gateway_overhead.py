@@ -518,14 +518,20 @@ class Engine:
 
 @contextlib.contextmanager
 def engine_server(
-    kind: str, model: str, bundled: Path, workdir: Path, sleep_on_idle: bool = False
+    kind: str,
+    model: str,
+    bundled: Path,
+    workdir: Path,
+    sleep_on_idle: bool = False,
+    stub_delay_ms: float = 0.0,
 ) -> Iterator[Engine]:
     """SGLang (holding the heavy-process lock, as every engine start does), or the stub."""
     if kind == "stub":
         port = free_port()
         cmd = [sys.executable, "-m", "uvicorn", "benchmarks.stub_engine:app"]
         cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+        env = {**os.environ, "STUB_DELAY_MS": str(stub_delay_ms)}
+        proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=env)
         try:
             url = f"http://127.0.0.1:{port}"
             wait_healthy(url, proc, timeout=60)
@@ -712,6 +718,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stub: canned answers instead of a model, to see the gateway's cost alone "
         "(throughput against it means nothing for the target)",
     )
+    parser.add_argument(
+        "--stub-delay-ms",
+        type=float,
+        default=0.0,
+        help="the stub waits this long before answering, as a model would: the gateway "
+        "then runs each latency request cold, as against SGLang",
+    )
     parser.add_argument("--pairs", type=int, default=200, help="latency pairs per mode")
     parser.add_argument("--latency-max-tokens", type=int, default=8)
     parser.add_argument("--warmup-pairs", type=int, default=10)
@@ -790,7 +803,11 @@ async def run_phases(
         latency[mode] = await latency_mode(
             ends, mode == "stream", args.pairs, args.latency_max_tokens, args.warmup_pairs
         )
-        cpu[f"latency_{mode}"] = meter.read()
+        used = meter.read()
+        # Every pair, warm-up included, sends one request through the gateway.
+        gateway_requests = args.pairs + args.warmup_pairs
+        used["gateway_cpu_ms_per_request"] = 1000 * used["gateway_cpu_s"] / gateway_requests
+        cpu[f"latency_{mode}"] = used
         results.save()
     for mode in args.modes:
         for conc in args.concurrency:
@@ -844,6 +861,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "config": {
                 "engine": args.engine,
                 "model": args.model if args.engine == "sglang" else None,
+                "stub_delay_ms": args.stub_delay_ms if args.engine == "stub" else None,
                 "prompt": PROMPT,
                 "kv_policy": kv,
                 "gateway": "separate process (raas-serve serve, remote mode, log level info)",
@@ -858,7 +876,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             with affinity(engine_cpus):
                 engine = stack.enter_context(
                     engine_server(
-                        args.engine, args.model, Path(args.model_path), workdir, args.sleep_on_idle
+                        args.engine,
+                        args.model,
+                        Path(args.model_path),
+                        workdir,
+                        args.sleep_on_idle,
+                        args.stub_delay_ms,
                     )
                 )
             with affinity(gateway_cpus):

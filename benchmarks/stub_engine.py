@@ -4,11 +4,17 @@ For `gateway_overhead.py --engine stub`: with no model behind it, the difference
 the arms is the gateway's own cost, free of engine noise (and it needs no heavy-process
 lock). It honours `max_tokens`, `stream` and `stream_options.include_usage`; everything
 else in the request is ignored.
+
+`STUB_DELAY_MS` makes it wait before answering (before the first chunk of a stream), as a
+model's prefill and decode would: a gateway left idle that long runs its next request's
+code cold, which is what one request at a time against a real engine pays.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +26,7 @@ from starlette.routing import Route
 
 PROMPT_TOKENS = 30
 TOKEN = "word "
+DELAY_S = float(os.environ.get("STUB_DELAY_MS", "0")) / 1000
 
 
 def usage(completion_tokens: int) -> dict[str, int]:
@@ -47,6 +54,8 @@ async def chat(request: Request) -> Response:
     n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
     rid = str(body.get("rid") or "stub")
     created = int(time.time())
+    if DELAY_S > 0:
+        await asyncio.sleep(DELAY_S)
     if not body.get("stream"):
         message = {"role": "assistant", "content": TOKEN * n}
         choice = {"index": 0, "message": message, "finish_reason": "length"}

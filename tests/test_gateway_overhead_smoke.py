@@ -26,6 +26,8 @@ REQUESTS = 6
 CPUS = sorted(os.sched_getaffinity(0))
 PIN = (CPUS[0], CPUS[1]) if len(CPUS) >= 2 else None
 MODES = ("nonstream", "stream")
+# The stub answers after this wait, as a model would: the latency loop's gateway runs cold.
+STUB_DELAY_MS = 20
 ARMS = ("direct", "gateway")
 
 
@@ -55,6 +57,8 @@ def results(tmp_path_factory, bundled_model_path) -> tuple[dict[str, Any], str]:
         "stub",
         "--rounds",
         "1",
+        "--stub-delay-ms",
+        str(STUB_DELAY_MS),
     ]
     if PIN is not None:
         argv += ["--pin", f"{PIN[0]}:{PIN[1]}"]
@@ -65,12 +69,16 @@ def test_latency_has_both_arms_and_the_overhead(results):
     data, _ = results
     assert data["complete"] is True
     assert data["config"]["engine"] == "stub"
+    assert data["config"]["stub_delay_ms"] == STUB_DELAY_MS
     assert data["environment"]["sglang"] and data["environment"]["fastapi"]
     assert set(data["latency"]) == set(MODES)
     for mode, res in data["latency"].items():
         assert res["pairs"] == 4
         for arm in ARMS:
             assert_quantiles(res["e2e_ms"][arm])
+            # Both arms wait out the stub's delay: the option reaches the stub.
+            assert res["e2e_ms"][arm]["p50"] >= STUB_DELAY_MS
+        assert positive(data["latency_cpu"][f"latency_{mode}"]["gateway_cpu_ms_per_request"])
         assert_quantiles(res["overhead_e2e_ms"], signed=True)
         assert len(res["overhead_e2e_pairs_ms"]) == 4
         lo, hi = res["overhead_e2e_p50_ci95_ms"]
