@@ -246,6 +246,28 @@ def test_non_stream_disconnect_aborts_in_sglang(engine, gw):
     wait_for(lambda: gateway_aborts(gw) == ours + 1, ABORT_WAIT_S)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["non-stream", "stream"])
+def test_disconnect_with_n_2_stops_every_choice(engine, gw, stream):
+    """With n > 1 SGLang renames the sub-requests, so the gateway's abort by id misses
+    them (docs/api.md); dropping the upstream connection must still stop both choices
+    and free their KV, or two long generations would run on for nobody."""
+    body = {"model": MODEL, "messages": LONG, "max_tokens": 2000, "n": 2, "ignore_eos": True}
+    if stream:
+        with httpx.stream(
+            "POST", f"{gw}/v1/chat/completions", json={**body, "stream": True}, timeout=60
+        ) as resp:
+            assert resp.status_code == 200
+            lines = resp.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass
+            wait_for(lambda: engine_metric(engine, "sglang:num_running_reqs") == 2, ABORT_WAIT_S)
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{gw}/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=1.5))
+    wait_for(lambda: engine_metric(engine, "sglang:num_running_reqs") == 0, ABORT_WAIT_S)
+    wait_for(lambda: generation_stopped(engine), ABORT_WAIT_S)
+
+
 def test_upstream_timeout_is_504_and_frees_the_engine(engine):
     with gateway(engine, upstream_timeout_s=1.0) as url:
         with pytest.raises(openai.InternalServerError) as exc:
