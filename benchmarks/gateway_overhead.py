@@ -554,8 +554,15 @@ def engine_server(
 
 @contextlib.contextmanager
 def gateway_process(
-    engine_url: str, model_path: Path, workdir: Path, profile: Path | None
+    engine_url: str,
+    model_path: Path,
+    workdir: Path,
+    profile: Path | None,
+    root: Path = ROOT,
+    name: str = "gateway",
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """The gateway of the source tree `root` (run from there, so its `service` package is
+    the one imported), logging to `<workdir>/<name>.log`."""
     port = free_port()
     cmd = [sys.executable]
     if profile is None:
@@ -565,11 +572,11 @@ def gateway_process(
     cmd += ["serve", "--engine-mode", "remote", "--engine-url", engine_url]
     cmd += ["--port", str(port), "--model-name", MODEL_NAME, "--model-path", str(model_path)]
     env = {**os.environ, "RAAS_ENGINE_DTYPE": "float32"}
-    log_path = workdir / "gateway.log"
+    log_path = workdir / f"{name}.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
             cmd,
-            cwd=ROOT,
+            cwd=root,
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,

@@ -12,11 +12,13 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import structlog
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.routing import APIRoute
 
 from service.admission import AdmissionController
 from service.api.routes import chat, health, metrics, models
 from service.api_keys import load_key_store
+from service.chat_dispatch import ChatDispatch
 from service.chat_service import ChatService
 from service.engine_client import EngineClient
 from service.engine_supervisor import EmbeddedEngine, make_engine_monitor
@@ -115,7 +117,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = gateway_metrics
     app.state.drain = drain
     install_error_handlers(app)
-    app.add_middleware(HttpMetricsMiddleware, metrics=gateway_metrics)
     for module in (chat, models, health, metrics):
         app.include_router(module.router)
+    # Added first, so it sits inside the metrics middleware (each add wraps the last).
+    app.add_middleware(
+        ChatDispatch,
+        path=chat.CHAT_PATH,
+        route=_route(chat.router, chat.CHAT_PATH, "POST"),
+        handler=chat.create_chat_completion,
+    )
+    app.add_middleware(HttpMetricsMiddleware, metrics=gateway_metrics)
     return app
+
+
+def _route(router: APIRouter, path: str, method: str) -> APIRoute:
+    # The router's own route object: the one the framework records as the request's route.
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.path == path and method in route.methods:
+            return route
+    raise LookupError(f"no route {method} {path}")

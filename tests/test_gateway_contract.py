@@ -411,6 +411,41 @@ def http_requests(url: str, code: str) -> float:
     )
 
 
+def test_a_bug_in_the_chat_path_is_a_500_in_openai_shape_and_the_gateway_serves_on(engine):
+    """The chat route is dispatched past the framework's router (service/chat_dispatch.py):
+    an unexpected exception there must still reach the server-error handler, as OpenAI's
+    500 with nothing of the exception in it, and be counted under the chat route."""
+    settings = Settings(
+        engine_mode="remote",
+        engine_url=engine[1],
+        engine_health_interval_s=0.1,
+        kv_bytes_per_token=1000,
+    )
+    app = create_app(settings)
+    with serve_app(app) as url:
+        wait_ready(url, timeout_s=10)
+        service = app.state.chat_service
+        working = service.complete
+
+        async def broken(*_: Any) -> None:
+            raise RuntimeError("secret-internal-detail")
+
+        before = http_requests(url, "500")
+        service.complete = broken
+        try:
+            resp = httpx.post(
+                f"{url}/v1/chat/completions", json={"model": MODEL, "messages": say("x")}
+            )
+        finally:
+            service.complete = working
+        assert resp.status_code == 500
+        err = error_of(resp)
+        assert (err["type"], err["code"]) == ("server_error", "internal_error")
+        assert "secret" not in resp.text and "Traceback" not in resp.text
+        assert http_requests(url, "500") == before + 1
+        assert client(url).chat.completions.create(model=MODEL, messages=say("hi")).choices
+
+
 def test_client_hanging_up_mid_upload_is_499_not_a_server_error(engine):
     with gateway(engine[1]) as url:
         host, port = url.removeprefix("http://").split(":")
