@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 
 from service.engine_client import EngineTimeout
 from service.kv_policy import EffectivePolicy, KvCacheUsage
-from service.stream_relay import StreamRelay
+from service.stream_relay import RelayResponse, StreamRelay
 
 POLICY = EffectivePolicy(name="raas", budget_tokens=256, alpha=0.1)
 
@@ -143,3 +143,112 @@ def test_a_usage_object_is_found_even_beside_a_nested_null_usage():
     events, relay = relay_all(upstream, include_usage=False)
     assert events == [b"data: " + chunk("a") + b"\n\n", b"data: [DONE]\n\n"]
     assert relay.result.kv is not None and relay.result.usage is not None
+
+
+# --- RelayResponse: the ASGI exchange around the relay --------------------------------
+
+
+class Silent(Lines):
+    """Sends its lines, then goes quiet (an engine still prefilling or stalled)."""
+
+    async def line_batches(self) -> AsyncIterator[list[bytes]]:
+        for line in self._lines:
+            yield [line]
+        await asyncio.Event().wait()
+        yield []  # pragma: no cover - never reached
+
+
+class Exchange:
+    """One ASGI request's side of the server: what was sent, and a client that hangs up
+    when told to."""
+
+    def __init__(self, send_fails: bool = False) -> None:
+        self.sent: list[dict] = []
+        self.hang_up = asyncio.Event()
+        self.send_fails = send_fails
+
+    async def receive(self) -> dict:
+        await self.hang_up.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict) -> None:
+        if self.send_fails and message["type"] == "http.response.body":
+            raise OSError("client connection lost")
+        self.sent.append(message)
+
+
+def response_for(upstream: Lines, on_finish_gate: asyncio.Event | None = None):
+    finishes: list[tuple[bool, str]] = []
+
+    async def on_finish(relay: StreamRelay, disconnected: bool) -> None:
+        if on_finish_gate is not None:
+            await on_finish_gate.wait()  # a clean-up that takes a while
+        finishes.append((disconnected, relay.result.outcome))
+
+    relay = StreamRelay(upstream, POLICY, include_usage=True, on_finish=on_finish)
+    return RelayResponse(relay), finishes
+
+
+def test_response_relays_the_stream_and_finishes_once():
+    upstream = Lines([b"data: " + chunk("Hi"), b"data: [DONE]"])
+    response, finishes = response_for(upstream)
+    exchange = Exchange()
+    asyncio.run(response({"type": "http"}, exchange.receive, exchange.send))
+    assert exchange.sent[0]["type"] == "http.response.start"
+    assert exchange.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert finishes == [(False, "success")]
+    assert upstream.drained is True
+
+
+def test_client_hanging_up_on_a_silent_engine_ends_the_response_at_once():
+    upstream = Silent([b"data: " + chunk("Hi")])
+    response, finishes = response_for(upstream)
+
+    async def run() -> None:
+        exchange = Exchange()
+        task = asyncio.ensure_future(response({"type": "http"}, exchange.receive, exchange.send))
+        await asyncio.sleep(0.05)
+        assert not task.done()
+        exchange.hang_up.set()
+        await asyncio.wait_for(task, 5)
+
+    asyncio.run(run())
+    assert finishes == [(True, "client_disconnected")]
+    assert upstream.drained is False
+
+
+def test_a_failed_write_to_the_client_counts_as_a_disconnect():
+    upstream = Silent([b"data: " + chunk("Hi")])
+    response, finishes = response_for(upstream)
+    exchange = Exchange(send_fails=True)
+    asyncio.run(asyncio.wait_for(response({"type": "http"}, exchange.receive, exchange.send), 5))
+    assert finishes == [(True, "client_disconnected")]
+
+
+def test_a_cancelled_request_still_finishes_once_even_when_cancelled_again_meanwhile():
+    """Server shutdown cancels the request's task: the clean-up (which releases the
+    admission slot) must run to its end, once, and the cancellation must still reach
+    the caller."""
+    upstream = Silent([b"data: " + chunk("Hi")])
+    gate = asyncio.Event()
+    response, finishes = response_for(upstream, on_finish_gate=gate)
+
+    async def run() -> None:
+        exchange = Exchange()
+        task = asyncio.ensure_future(response({"type": "http"}, exchange.receive, exchange.send))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()  # again, while the clean-up waits
+        await asyncio.sleep(0.05)
+        assert not task.done() and finishes == []
+        gate.set()
+        try:
+            await asyncio.wait_for(task, 5)
+        except asyncio.CancelledError:
+            pass
+        else:
+            raise AssertionError("the cancellation was swallowed")
+
+    asyncio.run(run())
+    assert len(finishes) == 1
