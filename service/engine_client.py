@@ -1,11 +1,11 @@
 """HTTP client for SGLang's own endpoints. The gateway never imports SGLang.
 
-aiohttp rather than httpx: the upstream hop is on every request's path, and aiohttp's C
-HTTP parser costs a fraction of httpx + httpcore + h11 in pure Python (see
-docs/benchmarks.md, "Gateway overhead").
+The HTTP itself is service/engine_http.py, a small keep-alive HTTP/1.1 client: the
+upstream hop is on every request's path, and general-purpose clients cost most of the
+gateway's cold path (see docs/benchmarks.md, "Gateway overhead").
 
 Transport failures become typed exceptions here, so the chat service and the stream
-relay map them to OpenAI errors (503, 504) in one place and never see aiohttp.
+relay map them to OpenAI errors (503, 504) in one place.
 """
 
 from __future__ import annotations
@@ -16,21 +16,25 @@ from collections.abc import AsyncIterator
 from enum import StrEnum
 from typing import Any
 
-import aiohttp
 import structlog
+
+from service.engine_http import (
+    ConnectFailed,
+    HttpTransportError,
+    Pool,
+    Response,
+    ResponseTimeout,
+)
 
 log = structlog.get_logger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
 ABORT_TIMEOUT_S = 5.0
-# SSE lines are read from raw chunks, so no line-length limit applies; this only sizes
-# the reads.
-READ_BUFSIZE = 1 << 16
 # After `[DONE]` the engine ends the body at once; a keep-alive connection is worth a
 # short wait for that, not more.
 DRAIN_TIMEOUT_S = 0.2
-# aiohttp's read timeout starts once the body is written; this bounds the writing, for
-# an engine that accepts a connection and then stops reading.
+# Added to the read timeout until the response head: time to write the body, for an
+# engine that accepts a connection and then stops reading.
 WRITE_TIMEOUT_S = 30.0
 # Idle pooled connections are dropped before the engine's server would close them
 # (uvicorn: 5 s), so that a request never goes out on a connection being closed.
@@ -63,25 +67,24 @@ def _describe(exc: BaseException) -> str:
 
 
 def _translate(exc: BaseException) -> Exception:
-    """aiohttp's failure -> ours. A connect (or pool) timeout means the engine is not
-    taking work; a read timeout means it took the request and went silent."""
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return EngineUnavailable(_describe(exc))
-    if isinstance(exc, TimeoutError):
+    """A transport failure -> ours. Not connecting (or no free connection in time) means
+    the engine is not taking work; a read timeout means it took the request and went
+    silent."""
+    if isinstance(exc, ResponseTimeout):
         return EngineTimeout(_describe(exc))
     return EngineUnavailable(_describe(exc))
 
 
-# What a failed exchange with the engine can raise (OSError: a reset socket may surface
-# unwrapped from a read).
-TRANSPORT_ERRORS = (aiohttp.ClientError, TimeoutError, OSError)
+# What a failed exchange with the engine can raise.
+TRANSPORT_ERRORS = (HttpTransportError, TimeoutError, OSError)
 
 
 class EngineStream:
     """An open streaming response. Iterate `line_batches()`; always `aclose()`."""
 
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: Response, read_timeout_s: float) -> None:
         self._response = response
+        self._read_timeout_s = read_timeout_s
 
     async def line_batches(self) -> AsyncIterator[list[bytes]]:
         """The body's complete lines, without their line ends, in one list per network
@@ -94,7 +97,7 @@ class EngineStream:
         """
         pending = b""
         try:
-            async for data in self._response.content.iter_any():
+            async for data in self._response.iter_data(self._read_timeout_s):
                 pending += data
                 if b"\n" not in data:
                     continue
@@ -109,11 +112,12 @@ class EngineStream:
         """Hand the connection back to the pool if the body was read to its end, else
         close it. `drain`: the stream is logically complete (`[DONE]` seen), so wait
         briefly for the body's terminating chunk, which keeps the connection reusable."""
-        content = self._response.content
-        if drain and not content.at_eof():
+        if drain and not self._response.at_end:
             try:
-                await asyncio.wait_for(content.read(), DRAIN_TIMEOUT_S)
-            except (*TRANSPORT_ERRORS, ValueError):
+                async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                    async for _ in self._response.iter_data(None):
+                        pass
+            except TRANSPORT_ERRORS:
                 pass
         self._response.release()
 
@@ -123,8 +127,8 @@ class EngineStream:
 
 
 class EngineClient:
-    """One pooled aiohttp session per gateway. Create it inside the running event loop
-    (the app's lifespan)."""
+    """One connection pool per gateway. Create it inside the running event loop (the
+    app's lifespan)."""
 
     def __init__(
         self,
@@ -138,43 +142,37 @@ class EngineClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.read_timeout_s = read_timeout_s
-        # Until the response headers: writing the body, then the engine's silence.
-        self._until_headers_s = write_timeout_s + read_timeout_s
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=connect_timeout_s,  # includes waiting for a pooled connection
-            sock_connect=connect_timeout_s,
-            sock_read=read_timeout_s,
-        )
-        self._metrics_timeout = aiohttp.ClientTimeout(total=metrics_timeout_s)
-        self._http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=max_connections, limit_per_host=0, keepalive_timeout=KEEPALIVE_S
-            ),
-            timeout=timeout,
-            # Loopback traffic must never be routed through a proxy from the environment.
-            trust_env=False,
-            read_bufsize=READ_BUFSIZE,
-            json_serialize=json.dumps,
-        )
+        self._connect_timeout_s = connect_timeout_s
+        self._metrics_timeout_s = metrics_timeout_s
+        self._write_timeout_s = write_timeout_s
+        self._pool = Pool(self.base_url, limit=max_connections, keepalive_s=KEEPALIVE_S)
 
     async def aclose(self) -> None:
-        await self._http.close()
+        self._pool.close()
 
-    def _url(self, path: str) -> str:
-        return self.base_url + path
+    async def _post(self, path: str, body: dict[str, Any]) -> Response:
+        return await self._pool.request(
+            "POST",
+            path,
+            json.dumps(body).encode(),
+            # Waiting for a pooled connection counts as connecting: an engine whose
+            # every connection is busy past the connect timeout is not taking work.
+            slot_and_connect_timeout_s=self._connect_timeout_s,
+            write_timeout_s=self._write_timeout_s,
+            head_timeout_s=self.read_timeout_s,
+        )
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """Non-streaming chat completion; returns SGLang's JSON response."""
         try:
-            async with (
-                asyncio.timeout(self._until_headers_s),
-                self._http.post(self._url(CHAT_PATH), json=body, allow_redirects=False) as resp,
-            ):
-                raw = await resp.read()
-                status = resp.status
+            resp = await self._post(CHAT_PATH, body)
+            try:
+                raw = await resp.read(self.read_timeout_s)
+            finally:
+                resp.release()
         except TRANSPORT_ERRORS as exc:
             raise _translate(exc) from exc
+        status = resp.status
         if status != 200:
             raise EngineHTTPError(status, _json_or_text(raw, status))
         try:
@@ -191,69 +189,75 @@ class EngineClient:
         The caller owns the returned stream and must `aclose()` it.
         """
         try:
-            async with asyncio.timeout(self._until_headers_s):
-                resp = await self._http.post(self._url(CHAT_PATH), json=body, allow_redirects=False)
+            resp = await self._post(CHAT_PATH, body)
         except TRANSPORT_ERRORS as exc:
             raise _translate(exc) from exc
         if resp.status != 200:
             try:
-                payload = _json_or_text(await resp.read(), resp.status)
+                payload = _json_or_text(await resp.read(self.read_timeout_s), resp.status)
             except TRANSPORT_ERRORS:
                 payload = {"message": f"engine returned HTTP {resp.status}"}
             finally:
-                resp.close()
+                resp.release()
             raise EngineHTTPError(resp.status, payload)
-        return EngineStream(resp)
+        return EngineStream(resp, self.read_timeout_s)
+
+    async def _get_or_post(
+        self, method: str, path: str, body: dict[str, Any] | None, total_s: float
+    ) -> tuple[int, bytes]:
+        """A whole exchange bounded by `total_s`."""
+        async with asyncio.timeout(total_s):
+            resp = await self._pool.request(
+                method,
+                path,
+                None if body is None else json.dumps(body).encode(),
+            )
+            try:
+                return resp.status, await resp.read(None)
+            finally:
+                resp.release()
 
     async def abort(self, rid: str) -> bool:
         """Ask SGLang to drop a request and free its KV now."""
         try:
-            async with self._http.post(
-                self._url("/abort_request"),
-                json={"rid": rid},
-                timeout=aiohttp.ClientTimeout(total=ABORT_TIMEOUT_S),
-                allow_redirects=False,
-            ) as resp:
-                await resp.read()
-                return resp.status == 200
+            status, _ = await self._get_or_post(
+                "POST", "/abort_request", {"rid": rid}, ABORT_TIMEOUT_S
+            )
         except TRANSPORT_ERRORS as exc:
             log.warning("engine.abort_failed", rid=rid, error=_describe(exc))
             return False
+        return status == 200
 
     async def probe(self, timeout_s: float) -> Health:
         """SGLang's /health runs a one-token generation and takes a second or more; a
         busy engine may answer late, which is not the same as a dead one."""
         # Only a socket that will not connect means down. Waiting for a pooled
-        # connection (every one busy with a stream) or for the answer means slow: the
-        # outer timeout, not aiohttp's `connect` (which would include the pool wait).
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=None, sock_connect=timeout_s, sock_read=timeout_s
-        )
+        # connection (every one busy with a stream) or for the answer means slow.
         try:
             # Connecting and answering may each take `timeout_s`.
-            async with (
-                asyncio.timeout(2 * timeout_s),
-                self._http.get(
-                    self._url("/health"), timeout=timeout, allow_redirects=False
-                ) as resp,
-            ):
-                await resp.read()
-                return Health.OK if resp.status == 200 else Health.DOWN
-        except aiohttp.ConnectionTimeoutError:
+            async with asyncio.timeout(2 * timeout_s):
+                resp = await self._pool.request(
+                    "GET",
+                    "/health",
+                    connect_timeout_s=timeout_s,
+                    head_timeout_s=timeout_s,
+                )
+                try:
+                    await resp.read(timeout_s)
+                finally:
+                    resp.release()
+        except ConnectFailed:
             return Health.DOWN
-        except TimeoutError:
+        except TimeoutError:  # the outer bound, the pool wait or the answer
             return Health.SLOW
         except TRANSPORT_ERRORS:
             return Health.DOWN
+        return Health.OK if resp.status == 200 else Health.DOWN
 
     async def metrics_text(self) -> str | None:
         """SGLang's Prometheus exposition (needs --enable-metrics); None when unreachable."""
         try:
-            async with self._http.get(
-                self._url("/metrics"), timeout=self._metrics_timeout, allow_redirects=False
-            ) as resp:
-                raw = await resp.read()
-                status = resp.status
+            status, raw = await self._get_or_post("GET", "/metrics", None, self._metrics_timeout_s)
         except TRANSPORT_ERRORS:
             return None
         return raw.decode("utf-8", errors="replace") if status == 200 else None

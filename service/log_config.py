@@ -3,7 +3,7 @@
 The gateway's own events are rendered by structlog alone and written straight to stderr:
 every request logs, and a trip through the standard library's `logging` (record, handler,
 formatter) costs several times the rendering itself on the request path. Standard-library
-loggers (uvicorn, aiohttp) go through a formatter with the same processors, so one process
+loggers (uvicorn, asyncio) go through a formatter with the same processors, so one process
 writes one log format.
 """
 

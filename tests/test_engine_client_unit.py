@@ -28,8 +28,8 @@ def deaf_engine() -> Iterator[str]:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_body_the_engine_never_reads_times_out(deaf_engine: str, stream: bool) -> None:
-    """aiohttp's read timeout starts only once the body is written; without the write
-    bound this request would wait forever (the outer wait_for turns that into a failure)."""
+    """The read timeout starts only once the body is written; without the write bound
+    this request would wait forever (the outer wait_for turns that into a failure)."""
 
     async def scenario() -> float:
         client = EngineClient(
