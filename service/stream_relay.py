@@ -105,7 +105,11 @@ class StreamRelay:
         self.result = StreamResult()
 
     async def events(self) -> AsyncIterator[bytes]:
+        """The client's stream, one item per write. The last item ends with `[DONE]` and
+        carries whatever came with the engine's `[DONE]` (usually the usage chunk): one
+        write, not two, at the end of every stream."""
         saw_done = False
+        tail: list[bytes] = []
         try:
             async for batch in self._upstream.line_batches():
                 out: list[bytes] = []
@@ -119,34 +123,43 @@ class StreamRelay:
                     event = self._on_chunk(data)
                     if event is not None:
                         out.append(event)
+                if saw_done:
+                    tail = out
+                    break
                 if out:
                     yield b"".join(out)
-                if saw_done:
-                    break
             if saw_done:
                 if self.result.outcome != "engine_error":
                     self.result.outcome = "success"
             else:
                 self.result.outcome = "engine_unavailable"
-                yield error_event(
-                    "The inference engine closed the stream before it finished",
+                tail = [
+                    error_event(
+                        "The inference engine closed the stream before it finished",
+                        "server_error",
+                        "engine_unavailable",
+                    )
+                ]
+        except EngineTimeout:
+            self.result.outcome = "upstream_timeout"
+            tail = [
+                error_event(
+                    "The inference engine stopped sending tokens",
+                    "server_error",
+                    "upstream_timeout",
+                )
+            ]
+        except EngineUnavailable:
+            self.result.outcome = "engine_unavailable"
+            tail = [
+                error_event(
+                    "The inference engine connection failed mid-stream",
                     "server_error",
                     "engine_unavailable",
                 )
-        except EngineTimeout:
-            self.result.outcome = "upstream_timeout"
-            yield error_event(
-                "The inference engine stopped sending tokens", "server_error", "upstream_timeout"
-            )
-        except EngineUnavailable:
-            self.result.outcome = "engine_unavailable"
-            yield error_event(
-                "The inference engine connection failed mid-stream",
-                "server_error",
-                "engine_unavailable",
-            )
+            ]
         self.result.finished = True
-        yield DONE
+        yield b"".join(tail) + DONE
 
     def _needs_parse(self, data: bytes) -> bool:
         return (
@@ -229,7 +242,11 @@ class RelayResponse(Response):
                 }
             )
             async for chunk in events:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                # The relay's last item ends the response in the same write.
+                last = self.relay.result.finished
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                if last:
+                    return False
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             return True

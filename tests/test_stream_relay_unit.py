@@ -119,18 +119,19 @@ def test_engine_error_event_after_tokens_is_rewritten():
 def test_failure_mid_stream_is_an_error_event_then_done_and_no_drain():
     upstream = Lines([b"data: " + chunk("a")], fail=EngineTimeout("read timeout"))
     events, relay = relay_all(upstream)
-    assert json.loads(events[1].removeprefix(b"data: "))["error"]["code"] == "upstream_timeout"
-    assert events[-1] == b"data: [DONE]\n\n"
+    assert len(events) == 2 and events[-1].endswith(b"\n\ndata: [DONE]\n\n")
+    error = events[-1].removesuffix(b"data: [DONE]\n\n").removeprefix(b"data: ")
+    assert json.loads(error)["error"]["code"] == "upstream_timeout"
     assert relay.result.outcome == "upstream_timeout"
     assert upstream.drained is False
 
 
-def test_a_burst_is_relayed_as_one_write_and_done_ends_it():
+def test_a_burst_and_its_done_are_relayed_as_one_write_and_done_ends_it():
     tokens = [chunk("a"), chunk("b"), chunk("c")]
     after_done = b"data: " + chunk("never")
     lines = [b"data: " + t for t in tokens] + [b"data: [DONE]", after_done]
     events, relay = relay_all(Lines(lines, one_read=True))
-    assert events == [b"".join(b"data: " + t + b"\n\n" for t in tokens), b"data: [DONE]\n\n"]
+    assert events == [b"".join(b"data: " + t + b"\n\n" for t in tokens) + b"data: [DONE]\n\n"]
     assert relay.result.outcome == "success"
 
 
@@ -195,7 +196,11 @@ def test_response_relays_the_stream_and_finishes_once():
     exchange = Exchange()
     asyncio.run(response({"type": "http"}, exchange.receive, exchange.send))
     assert exchange.sent[0]["type"] == "http.response.start"
-    assert exchange.sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+    assert exchange.sent[1]["more_body"] is True
+    # The last event ends the response in the same message: no empty write after it.
+    assert exchange.sent[2:] == [
+        {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False}
+    ]
     assert finishes == [(False, "success")]
     assert upstream.drained is True
 
