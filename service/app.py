@@ -131,7 +131,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _route(router: APIRouter, path: str, method: str) -> APIRoute:
-    # The router's own route object: the one the framework records as the request's route.
+    # The router's declared route: the framework records this object (or, through an
+    # included router, one with the same path, which is all the metrics label reads).
     for route in router.routes:
         if isinstance(route, APIRoute) and route.path == path and method in route.methods:
             return route

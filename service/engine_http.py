@@ -26,6 +26,9 @@ from urllib.parse import urlsplit
 MAX_HEAD_BYTES = 64 << 10
 # Past this much unread data the socket stops being read until the consumer catches up.
 HIGH_WATER_BYTES = 1 << 20
+# A reused connection that fails this soon after the request went out, with no byte
+# answered, was closed by the engine while idle; the request is sent once more.
+STALE_RETRY_WINDOW_S = 0.05
 
 
 class HttpTransportError(Exception):
@@ -171,12 +174,27 @@ class _Connection(asyncio.Protocol):
     # --- the rest ---
     def reusable(self, now: float, keepalive_s: float) -> bool:
         return (
-            not self.closed
-            and not self.buffer
+            self.clean()
             and self.transport is not None
             and not self.transport.is_closing()
             and now - self.idle_since < keepalive_s
         )
+
+    def clean(self) -> bool:
+        """Nothing left over in either direction: fit for the next request."""
+        return (
+            not self.closed
+            and not self.buffer
+            and self.transport is not None
+            and not self.transport.get_write_buffer_size()
+        )
+
+    def idle(self) -> None:
+        """Parked in the pool: keep reading, so that the engine closing it is noticed."""
+        self.idle_since = time.monotonic()
+        if self._paused and self.transport is not None:
+            self.transport.resume_reading()
+            self._paused = False
 
     def close(self) -> None:
         self.closed = True
@@ -337,7 +355,7 @@ def _framing(status: int, headers: dict[str, str]) -> _Framing:
         return _Framing(chunked=True, remaining=None)
     length = headers.get("content-length")
     if length is not None:
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise HttpTransportError(f"malformed content-length {length!r}")
         return _Framing(chunked=False, remaining=int(length), done=int(length) == 0)
     return _Framing(chunked=False, remaining=None)
@@ -372,8 +390,8 @@ class Pool:
     ) -> Response:
         """Send a request and read the response's head.
 
-        `slot_and_connect_timeout_s` bounds waiting for a free slot and connecting
-        together, `connect_timeout_s` the connect alone (either raises ConnectFailed).
+        `slot_and_connect_timeout_s` bounds waiting for a free slot, and then each
+        connect unless `connect_timeout_s` bounds those (either raises ConnectFailed).
         `write_timeout_s` bounds handing the request to the socket and `head_timeout_s`
         the wait for the response's head after that (either raises ResponseTimeout).
         Without a bound the slot wait is unbounded: callers bound the whole call.
@@ -402,14 +420,16 @@ class Pool:
         write_timeout_s: float | None,
         head_timeout_s: float | None,
     ) -> Response:
-        # A pooled connection the engine closed just as it was taken fails before any
-        # response byte: the request never reached the engine, so it goes once more on
-        # a fresh connection.
+        # A pooled connection the engine closed just as it was taken fails at once, with
+        # no response byte: the request never reached the engine, so it goes once more
+        # on a fresh connection. A connection that fails later may have carried a
+        # request the engine was working on: never sent twice.
         for attempt in (0, 1):
             conn = self._take_idle() if attempt == 0 else None
             reused = conn is not None
             if conn is None:
                 conn = await self._connect(connect_timeout_s)
+            sent_at = time.monotonic()
             try:
                 conn.write(request)
                 async with asyncio.timeout(write_timeout_s):
@@ -425,7 +445,8 @@ class Pool:
                 raise ResponseTimeout("the engine sent no response in time") from None
             except HttpTransportError:
                 conn.close()
-                if reused and not conn.received_any:
+                stale = time.monotonic() - sent_at < STALE_RETRY_WINDOW_S
+                if reused and not conn.received_any and stale:
                     continue
                 raise
             except BaseException:
@@ -483,8 +504,8 @@ class Pool:
 
     def give_back(self, conn: _Connection, *, reusable: bool) -> None:
         self._slots.release()
-        if reusable and not self._closed and not conn.closed and not conn.buffer:
-            conn.idle_since = time.monotonic()
+        if reusable and not self._closed and conn.clean():
+            conn.idle()
             self._idle.append(conn)
         else:
             conn.close()

@@ -20,12 +20,15 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.engine_client import EngineStream, EngineTimeout, EngineUnavailable
 from service.errors import ErrorBody, ErrorDetail
 from service.kv_policy import EffectivePolicy, KvCacheUsage
+
+log = structlog.get_logger(__name__)
 
 DONE = b"data: [DONE]\n\n"
 
@@ -223,13 +226,17 @@ class RelayResponse(Response):
         events = self.relay.events()
         pump = asyncio.ensure_future(self._pump(send, events))
         watcher = asyncio.ensure_future(_until_disconnect(receive))
+        cancelled = False
         try:
             await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
         finally:
             # Stream over, client gone or this task cancelled (shutdown): the clean-up
             # runs to its end either way, once, or the request's slot and its
             # connection would leak.
-            await _shielded(self._end(pump, watcher, events))
+            await _shielded(self._end(pump, watcher, events), cancelled=cancelled)
 
     async def _pump(self, send: Send, events: AsyncIterator[bytes]) -> bool:
         """Relay the stream; True when the client turned out to be gone."""
@@ -265,6 +272,8 @@ class RelayResponse(Response):
         watcher.cancel()
         pump.cancel()  # a no-op when it has finished
         await asyncio.wait((pump, watcher))
+        if not watcher.cancelled():
+            watcher.exception()  # retrieved: it ended with the client's connection
         pump_error = None if pump.cancelled() else pump.exception()
         if pump_error is None and not pump.cancelled() and pump.result():
             client_gone = True
@@ -282,18 +291,22 @@ async def _until_disconnect(receive: Receive) -> None:
         await asyncio.sleep(0.05)  # never spin on a server that hands out empty messages
 
 
-async def _shielded(work: Coroutine[Any, Any, None]) -> None:
-    """Run `work` to its end even if the caller is cancelled meanwhile; the caller's
-    cancellation is then raised (as an anyio shielded scope would)."""
+async def _shielded(work: Coroutine[Any, Any, None], *, cancelled: bool = False) -> None:
+    """Run `work` to its end even if the caller is cancelled meanwhile (or already was:
+    `cancelled`); the cancellation is then raised (as an anyio shielded scope would),
+    and a failure of `work` logged rather than raised in its place."""
     task = asyncio.ensure_future(work)
-    cancelled = False
-    while True:
+    while not task.done():
         try:
             await asyncio.shield(task)
-            break
         except asyncio.CancelledError:
-            if task.done():
+            if task.cancelled():  # the work itself was cancelled (loop shutting down)
                 raise
             cancelled = True
+        except BaseException:
+            break  # the work failed: raised or logged below
     if cancelled:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("stream.cleanup_failed", error=repr(task.exception()))
         raise asyncio.CancelledError
+    task.result()

@@ -210,6 +210,30 @@ def test_a_request_answered_in_part_is_not_sent_again():
     run(scenario())
 
 
+def test_a_reused_connection_that_fails_later_is_not_sent_again():
+    """The engine took the request, worked on it, then dropped the connection without a
+    byte of answer (a crash, say): resending would start the generation twice."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        body = await read_request(reader)
+        writer.write(reply(body))
+        await writer.drain()
+        await read_request(reader)
+        await asyncio.sleep(0.3)  # working on it
+
+    async def scenario() -> None:
+        server = Server(handler)
+        async with server as url:
+            pool = Pool(url, limit=1, keepalive_s=10)
+            assert await fetch(pool, b"a") == b"a"
+            with pytest.raises(HttpTransportError):
+                await fetch(pool, b"b")
+            assert server.connections == 1
+            pool.close()
+
+    run(scenario())
+
+
 def test_connection_close_and_extra_bytes_stop_reuse():
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
         while True:

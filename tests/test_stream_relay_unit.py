@@ -257,3 +257,28 @@ def test_a_cancelled_request_still_finishes_once_even_when_cancelled_again_meanw
 
     asyncio.run(run())
     assert len(finishes) == 1
+
+
+def test_a_cancelled_request_whose_clean_up_fails_still_ends_cancelled():
+    """Shutdown must not turn into an unrelated exception: the clean-up's failure is
+    logged, the cancellation is what the caller sees."""
+    upstream = Silent([b"data: " + chunk("Hi")])
+
+    async def on_finish(relay: StreamRelay, disconnected: bool) -> None:
+        raise RuntimeError("clean-up bug")
+
+    relay = StreamRelay(upstream, POLICY, include_usage=True, on_finish=on_finish)
+    response = RelayResponse(relay)
+
+    async def run() -> None:
+        exchange = Exchange()
+        task = asyncio.ensure_future(response({"type": "http"}, exchange.receive, exchange.send))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        try:
+            await asyncio.wait_for(task, 5)
+        except asyncio.CancelledError:
+            return
+        raise AssertionError("the cancellation was lost")
+
+    asyncio.run(run())
