@@ -44,22 +44,22 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.cpu_decode import log  # noqa: E402
 from benchmarks.gateway_overhead import (  # noqa: E402
     CHAT_PATH,
-    MODEL_NAME,
     MODES,
-    PROMPT,
     Sample,
     affinity,
+    client_body,
     engine_server,
     gateway_process,
     median_ci_ms,
     parse_pin,
+    process_tree_cpu_s,
     quantiles_ms,
     send,
     tree_affinity,
 )
-from tests.support.sglang_server import descendants, tree_cpu_s  # noqa: E402
 
 ARMS = ("base", "candidate")
+KV_POLICY = {"name": "raas", "budget_tokens": 2048, "alpha": 0.1}
 
 
 def export_tree(ref: str, into: Path) -> str:
@@ -103,24 +103,6 @@ def cpu_model() -> str:
     return name
 
 
-def process_cpu_s(pid: int) -> float:
-    return tree_cpu_s(descendants(pid) | {pid})
-
-
-def body(stream: bool, max_tokens: int) -> dict[str, Any]:
-    payload: dict[str, Any] = {
-        "model": MODEL_NAME,
-        "messages": PROMPT,
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "stream": stream,
-        "kv_policy": {"name": "raas", "budget_tokens": 2048, "alpha": 0.1},
-    }
-    if stream:
-        payload["stream_options"] = {"include_usage": True}
-    return payload
-
-
 def paired(samples: dict[str, list[Sample]], metric: str) -> dict[str, Any]:
     values = {arm: [getattr(s, metric) for s in samples[arm]] for arm in ARMS}
     diffs = [c - b for b, c in zip(values["base"], values["candidate"], strict=True)]
@@ -139,13 +121,13 @@ async def ab_mode(
     warmup: int,
     max_tokens: int,
 ) -> dict[str, Any]:
-    payload = body(stream, max_tokens)
+    payload = client_body(stream, max_tokens, KV_POLICY)
     samples: dict[str, list[Sample]] = {arm: [] for arm in ARMS}
     async with httpx.AsyncClient(timeout=60, trust_env=False) as client:
         for _ in range(warmup):
             for arm in ARMS:
                 await send(client, urls[arm] + CHAT_PATH, payload)
-        cpu_before = {arm: process_cpu_s(pids[arm]) for arm in ARMS}
+        cpu_before = {arm: process_tree_cpu_s(pids[arm]) for arm in ARMS}
         started = time.perf_counter()
         for i in range(pairs):
             for arm in ARMS if i % 2 == 0 else ARMS[::-1]:
@@ -155,7 +137,7 @@ async def ab_mode(
                     raise RuntimeError(f"{arm}: {got} completion tokens, not {max_tokens}")
                 samples[arm].append(sample)
         wall = time.perf_counter() - started
-        cpu = {arm: process_cpu_s(pids[arm]) - cpu_before[arm] for arm in ARMS}
+        cpu = {arm: process_tree_cpu_s(pids[arm]) - cpu_before[arm] for arm in ARMS}
     result: dict[str, Any] = {
         "pairs": pairs,
         "wall_s": round(wall, 2),

@@ -145,18 +145,7 @@ class Endpoints:
         return self.base(arm) + CHAT_PATH
 
     def client_body(self, stream: bool, max_tokens: int) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": MODEL_NAME,
-            "messages": PROMPT,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            "ignore_eos": True,
-            "stream": stream,
-            "kv_policy": self.kv_policy,
-        }
-        if stream:
-            body["stream_options"] = {"include_usage": True}
-        return body
+        return client_body(stream, max_tokens, self.kv_policy)
 
     def bodies(self, stream: bool, max_tokens: int) -> dict[str, dict[str, Any]]:
         """Per arm: the client's body to the gateway, and what the gateway sends SGLang."""
@@ -165,6 +154,27 @@ class Endpoints:
         policy = resolve_request(req.kv_policy, None, PolicyLimits.for_caller(self.settings, None))
         direct = upstream_body(req, policy, "placeholder", self.settings)
         return {"direct": direct, "gateway": client}
+
+
+def client_body(stream: bool, max_tokens: int, kv_policy: dict[str, Any]) -> dict[str, Any]:
+    """What a client sends the gateway: greedy, exactly `max_tokens` tokens (ignore_eos)."""
+    body: dict[str, Any] = {
+        "model": MODEL_NAME,
+        "messages": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": stream,
+        "kv_policy": kv_policy,
+    }
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its descendants."""
+    return tree_cpu_s(descendants(pid) | {pid})
 
 
 def with_rid(arm: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -251,7 +261,7 @@ class CpuMeter:
     start_ours: int = 0
 
     def _gateway(self) -> float:
-        return tree_cpu_s(descendants(self.gateway_pid) | {self.gateway_pid})
+        return process_tree_cpu_s(self.gateway_pid)
 
     def _ours(self) -> int:
         pids = {self.engine_pid, self.gateway_pid, os.getpid()}

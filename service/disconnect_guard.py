@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import structlog
 from fastapi import Request
+from starlette.types import Receive
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +38,7 @@ async def until_disconnect(
     Raises ClientDisconnected when the client left first.
     """
     task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    watcher = asyncio.ensure_future(wait_disconnect(request.receive))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
@@ -69,10 +70,11 @@ def _dispose(done: asyncio.Future[T], on_orphan: Callable[[T], None]) -> None:
         log.warning("upstream.orphan_cleanup_failed", error=str(exc) or type(exc).__name__)
 
 
-async def _wait_disconnect(request: Request) -> None:
-    # The body has been read, so the server's receive() blocks until the client goes away.
+async def wait_disconnect(receive: Receive) -> None:
+    """Return once the client has gone. Call only after the request body was read: the
+    server's receive() then blocks until the client goes away."""
     while True:
-        message = await request.receive()
+        message = await receive()
         if message["type"] == "http.disconnect":
             return
         await asyncio.sleep(0.05)  # never spin if a server hands out empty body messages

@@ -33,8 +33,8 @@ ABORT_TIMEOUT_S = 5.0
 # After `[DONE]` the engine ends the body at once; a keep-alive connection is worth a
 # short wait for that, not more.
 DRAIN_TIMEOUT_S = 0.2
-# Added to the read timeout until the response head: time to write the body, for an
-# engine that accepts a connection and then stops reading.
+# Bounds writing the request, for an engine that accepts a connection and then stops
+# reading; the read timeout for the response head starts after it.
 WRITE_TIMEOUT_S = 30.0
 # Idle pooled connections are dropped before the engine's server would close them
 # (uvicorn: 5 s), so that a request never goes out on a connection being closed.

@@ -24,6 +24,7 @@ import structlog
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from service.disconnect_guard import wait_disconnect
 from service.engine_client import EngineStream, EngineTimeout, EngineUnavailable
 from service.errors import ErrorBody, ErrorDetail
 from service.kv_policy import EffectivePolicy, KvCacheUsage
@@ -225,7 +226,7 @@ class RelayResponse(Response):
         # about 60 us more per stream (in-process, warm), and more run cold.
         events = self.relay.events()
         pump = asyncio.ensure_future(self._pump(send, events))
-        watcher = asyncio.ensure_future(_until_disconnect(receive))
+        watcher = asyncio.ensure_future(wait_disconnect(receive))
         cancelled = False
         try:
             await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
@@ -249,12 +250,9 @@ class RelayResponse(Response):
                 }
             )
             async for chunk in events:
-                # The relay's last item ends the response in the same write.
+                # The relay's last item (it always yields one) ends the response.
                 last = self.relay.result.finished
                 await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-                if last:
-                    return False
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             return True
         return False
@@ -267,8 +265,6 @@ class RelayResponse(Response):
     ) -> None:
         # The watcher ends only when the client's connection does (a failing receive too).
         client_gone = watcher.done() and not watcher.cancelled()
-        if client_gone:
-            watcher.exception()  # retrieved: a broken receive means the client is gone
         watcher.cancel()
         pump.cancel()  # a no-op when it has finished
         await asyncio.wait((pump, watcher))
@@ -283,12 +279,6 @@ class RelayResponse(Response):
             await self.relay.finish(client_gone)
         if pump_error is not None:
             raise pump_error
-
-
-async def _until_disconnect(receive: Receive) -> None:
-    # The body has been read, so receive() blocks until the client goes away.
-    while (await receive())["type"] != "http.disconnect":
-        await asyncio.sleep(0.05)  # never spin on a server that hands out empty messages
 
 
 async def _shielded(work: Coroutine[Any, Any, None], *, cancelled: bool = False) -> None:
