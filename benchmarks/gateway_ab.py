@@ -51,6 +51,7 @@ from benchmarks.gateway_overhead import (  # noqa: E402
     engine_server,
     gateway_process,
     median_ci_ms,
+    parse_cpu_arg,
     parse_pin,
     process_tree_cpu_s,
     quantiles_ms,
@@ -184,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-pairs", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--stub-delay-ms", type=float, default=60.0)
+    parser.add_argument(
+        "--stub-token-delay-ms",
+        type=float,
+        default=0.0,
+        help="space a stream's token chunks this far apart, as decode steps would",
+    )
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument(
         "--pin",
@@ -191,12 +198,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ENGINE:GATEWAY",
         help="CPU lists: the stub on the first, both gateways and the client on the second",
     )
+    parser.add_argument(
+        "--client-cpus",
+        type=parse_cpu_arg,
+        metavar="CPUS",
+        help="with --pin: run the client on these CPUs instead of the gateways' (the two "
+        "builds still share theirs)",
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.client_cpus is not None and args.pin is None:
+        parser.error("--client-cpus needs --pin")
     started = dt.datetime.now(dt.UTC)
     with tempfile.TemporaryDirectory(prefix="gateway-ab-") as tmp:
         workdir = Path(tmp)
@@ -224,16 +241,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
             "config": {
                 "stub_delay_ms": args.stub_delay_ms,
+                "stub_token_delay_ms": args.stub_token_delay_ms,
                 "max_tokens": args.max_tokens,
                 "warmup_pairs": args.warmup_pairs,
                 "pinned": args.pin is not None,
+                "client_cpus": sorted(args.client_cpus) if args.client_cpus else None,
             },
             "modes": {},
         }
         with contextlib.ExitStack() as stack:
             with affinity(engine_cpus):
                 engine = stack.enter_context(
-                    engine_server("stub", "tiny", model_path, workdir, False, args.stub_delay_ms)
+                    engine_server(
+                        "stub",
+                        "tiny",
+                        model_path,
+                        workdir,
+                        False,
+                        args.stub_delay_ms,
+                        args.stub_token_delay_ms,
+                    )
                 )
             urls: dict[str, str] = {}
             pids: dict[str, int] = {}
@@ -245,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         )
                     )
                     urls[arm], pids[arm] = url, proc.pid
-            stack.enter_context(affinity(gateway_cpus))
+            stack.enter_context(affinity(args.client_cpus or gateway_cpus))
             result["config"]["affinity"] = {
                 "engine_tree": tree_affinity(engine.pid),
                 **{f"{arm}_tree": tree_affinity(pids[arm]) for arm in ARMS},

@@ -40,6 +40,10 @@ engine on its accelerator's host cores, the gateway apart); the direct arm's cli
 runs on the gateway's CPUs too, so both arms see the same engine. Without it all three
 share every CPU, and on a small machine the gateway's CPU is taken from the engine's
 decode. The affinity of every engine and gateway thread is read back and recorded.
+`--client-cpus` moves the load client (both arms' client) elsewhere, e.g. onto the
+engine's CPU: on a 2-CPU machine the client beside the gateway wakes on the gateway's
+CPU with every write the gateway makes and delays the gateway's next step, a cost a
+remote client does not impose; beside the engine it costs both arms alike.
 
 The CPU used by the gateway process and by anything outside the benchmark (other
 users of a shared machine) is recorded per phase. Prints a table with the ratios and
@@ -469,6 +473,16 @@ def parse_cpus(text: str) -> set[int]:
     return cpus
 
 
+def parse_cpu_arg(text: str) -> set[int]:
+    try:
+        cpus = parse_cpus(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad CPU list {text!r}") from exc
+    if not cpus <= os.sched_getaffinity(0):
+        raise argparse.ArgumentTypeError(f"CPUs {text!r} are not all available here")
+    return cpus
+
+
 def parse_pin(text: str) -> tuple[set[int], set[int]]:
     engine_text, sep, gateway_text = text.partition(":")
     if not sep:
@@ -534,13 +548,18 @@ def engine_server(
     workdir: Path,
     sleep_on_idle: bool = False,
     stub_delay_ms: float = 0.0,
+    stub_token_delay_ms: float = 0.0,
 ) -> Iterator[Engine]:
     """SGLang (holding the heavy-process lock, as every engine start does), or the stub."""
     if kind == "stub":
         port = free_port()
         cmd = [sys.executable, "-m", "uvicorn", "benchmarks.stub_engine:app"]
         cmd += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-        env = {**os.environ, "STUB_DELAY_MS": str(stub_delay_ms)}
+        env = {
+            **os.environ,
+            "STUB_DELAY_MS": str(stub_delay_ms),
+            "STUB_TOKEN_DELAY_MS": str(stub_token_delay_ms),
+        }
         proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=env)
         try:
             url = f"http://127.0.0.1:{port}"
@@ -742,6 +761,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the stub waits this long before answering, as a model would: the gateway "
         "then runs each latency request cold, as against SGLang",
     )
+    parser.add_argument(
+        "--stub-token-delay-ms",
+        type=float,
+        default=0.0,
+        help="the stub spaces a stream's token chunks this far apart, as decode steps "
+        "would: each chunk then reaches an idle gateway",
+    )
     parser.add_argument("--pairs", type=int, default=200, help="latency pairs per mode")
     parser.add_argument("--latency-max-tokens", type=int, default=8)
     parser.add_argument("--warmup-pairs", type=int, default=10)
@@ -769,6 +795,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ENGINE_CPUS:GATEWAY_CPUS",
         help="give the engine's processes these CPUs and the gateway and the client the "
         "others (e.g. 0:1); default: everything shares every CPU",
+    )
+    parser.add_argument(
+        "--client-cpus",
+        type=parse_cpu_arg,
+        metavar="CPUS",
+        help="with --pin: run the load client on these CPUs instead of the gateway's "
+        "(e.g. the engine's)",
     )
     parser.add_argument(
         "--gateway-profile", type=Path, help="run the gateway under cProfile (CPU time), stats here"
@@ -843,7 +876,10 @@ async def run_phases(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.client_cpus is not None and args.pin is None:
+        parser.error("--client-cpus needs --pin")
     started = dt.datetime.now(dt.UTC)
     with tempfile.TemporaryDirectory(prefix="gateway-overhead-") as tmp:
         workdir = Path(tmp)
@@ -879,11 +915,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "engine": args.engine,
                 "model": args.model if args.engine == "sglang" else None,
                 "stub_delay_ms": args.stub_delay_ms if args.engine == "stub" else None,
+                "stub_token_delay_ms": (
+                    args.stub_token_delay_ms if args.engine == "stub" else None
+                ),
                 "prompt": PROMPT,
                 "kv_policy": kv,
                 "gateway": "separate process (raas-serve serve, remote mode, log level info)",
                 "gateway_profiled": args.gateway_profile is not None,
                 "pinned": args.pin is not None,
+                "client_cpus": sorted(args.client_cpus) if args.client_cpus else None,
             },
         }
         results = Results(header, args.out)
@@ -899,6 +939,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         workdir,
                         args.sleep_on_idle,
                         args.stub_delay_ms,
+                        args.stub_token_delay_ms,
                     )
                 )
             with affinity(gateway_cpus):
@@ -906,8 +947,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     gateway_process(engine.url, engine.model, workdir, args.gateway_profile)
                 )
             # The load client (this process's main thread, where its event loop runs)
-            # sits beside the gateway, never on the engine's CPUs.
-            stack.enter_context(affinity(gateway_cpus))
+            # sits beside the gateway unless told where.
+            stack.enter_context(affinity(args.client_cpus or gateway_cpus))
             results.header["config"]["affinity"] = {
                 "engine_tree": tree_affinity(engine.pid),
                 "gateway_tree": tree_affinity(proc.pid),

@@ -8,6 +8,9 @@ else in the request is ignored.
 `STUB_DELAY_MS` makes it wait before answering (before the first chunk of a stream), as a
 model's prefill and decode would: a gateway left idle that long runs its next request's
 code cold, which is what one request at a time against a real engine pays.
+`STUB_TOKEN_DELAY_MS` spaces a stream's token chunks as decode steps would, so that each
+chunk reaches an idle gateway; the finish reason, usage chunk and `[DONE]` follow the
+last token at once, as SGLang writes them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from starlette.routing import Route
 PROMPT_TOKENS = 30
 TOKEN = "word "
 DELAY_S = float(os.environ.get("STUB_DELAY_MS", "0")) / 1000
+TOKEN_DELAY_S = float(os.environ.get("STUB_TOKEN_DELAY_MS", "0")) / 1000
 
 
 def usage(completion_tokens: int) -> dict[str, int]:
@@ -72,9 +76,14 @@ async def chat(request: Request) -> Response:
     with_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
     async def events() -> AsyncIterator[bytes]:
-        for _ in range(n):
+        for i in range(n):
+            if i and TOKEN_DELAY_S > 0:
+                await asyncio.sleep(TOKEN_DELAY_S)
             delta = {"index": 0, "delta": {"content": TOKEN}, "finish_reason": None}
             yield chunk(rid, created, [delta])
+        # As SGLang does: the finish reason in a chunk of its own, then the usage chunk
+        # and [DONE], each its own write, back to back.
+        yield chunk(rid, created, [{"index": 0, "delta": {}, "finish_reason": "length"}])
         if with_usage:
             yield chunk(rid, created, [], usage=usage(n))
         yield b"data: [DONE]\n\n"

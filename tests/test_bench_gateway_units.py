@@ -102,6 +102,14 @@ def test_pin_parses_cpu_lists_and_refuses_overlap_or_unknown_cpus(bench):
             bench.parse_pin(bad)
 
 
+def test_client_cpus_parse_any_available_cpus_and_refuse_others(bench):
+    cpus = sorted(os.sched_getaffinity(0))
+    assert bench.parse_cpu_arg(str(cpus[0])) == {cpus[0]}
+    for bad in ("", "x", "1-0", str(max(cpus) + 1)):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench.parse_cpu_arg(bad)
+
+
 def test_affinity_applies_to_the_block_and_is_restored(bench):
     before = os.sched_getaffinity(0)
     one = {min(before)}

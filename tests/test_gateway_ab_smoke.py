@@ -19,15 +19,20 @@ from tests.support.bench_script import finite, positive, run_benchmark
 CPUS = sorted(os.sched_getaffinity(0))
 PIN = f"{CPUS[0]}:{CPUS[1]}" if len(CPUS) >= 2 else None
 PAIRS = 4
+STUB_DELAY_MS = 10
+STUB_TOKEN_DELAY_MS = 3
+MAX_TOKENS = 8
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, bundled_model_path) -> tuple[dict[str, Any], str]:
     out = tmp_path_factory.mktemp("bench") / "gateway_ab.json"
     argv = ["--base", "HEAD", "--pairs", str(PAIRS), "--warmup-pairs", "1"]
-    argv += ["--stub-delay-ms", "10"]
+    argv += ["--stub-delay-ms", str(STUB_DELAY_MS), "--max-tokens", str(MAX_TOKENS)]
+    argv += ["--stub-token-delay-ms", str(STUB_TOKEN_DELAY_MS)]
     if PIN is not None:
-        argv += ["--pin", PIN]
+        # The client apart from the gateways, beside the stub.
+        argv += ["--pin", PIN, "--client-cpus", str(CPUS[0])]
     return run_benchmark("gateway_ab", out, argv)
 
 
@@ -51,6 +56,10 @@ def test_each_mode_has_both_builds_and_their_difference(results):
             m = figures[metric]
             for arm in ("base", "candidate"):
                 assert positive(m[arm]["p50"]) and m[arm]["p50"] <= m[arm]["p99"]
+            # The stub's delays reach it: a stream's e2e waits out every chunk's.
+            if metric == "e2e_ms" and mode == "stream":
+                waits = STUB_DELAY_MS + (MAX_TOKENS - 1) * STUB_TOKEN_DELAY_MS
+                assert all(m[arm]["p50"] >= waits for arm in ("base", "candidate"))
             assert finite(m["difference_ms"]["p50"])
             low, high = m["difference_p50_ci95_ms"]
             assert low <= high
@@ -60,10 +69,11 @@ def test_each_mode_has_both_builds_and_their_difference(results):
         assert f"{mode:10} cpu ms/request" in table
 
 
-def test_pinning_puts_both_gateways_beside_the_client(results):
+def test_pinning_puts_both_gateways_together_and_the_client_where_asked(results):
     data, _ = results
     if PIN is None:
         pytest.skip("one CPU: nothing to pin apart")
     affinity = data["config"]["affinity"]
     assert affinity["engine_tree"] == [CPUS[0]]
     assert affinity["base_tree"] == affinity["candidate_tree"] == [CPUS[1]]
+    assert affinity["client"] == data["config"]["client_cpus"] == [CPUS[0]]

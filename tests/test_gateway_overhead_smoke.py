@@ -28,6 +28,9 @@ PIN = (CPUS[0], CPUS[1]) if len(CPUS) >= 2 else None
 MODES = ("nonstream", "stream")
 # The stub answers after this wait, as a model would: the latency loop's gateway runs cold.
 STUB_DELAY_MS = 20
+# ... and spaces a stream's chunks this far apart, as decode steps would.
+STUB_TOKEN_DELAY_MS = 2
+LATENCY_TOKENS = 8
 ARMS = ("direct", "gateway")
 
 
@@ -59,6 +62,10 @@ def results(tmp_path_factory, bundled_model_path) -> tuple[dict[str, Any], str]:
         "1",
         "--stub-delay-ms",
         str(STUB_DELAY_MS),
+        "--stub-token-delay-ms",
+        str(STUB_TOKEN_DELAY_MS),
+        "--latency-max-tokens",
+        str(LATENCY_TOKENS),
     ]
     if PIN is not None:
         argv += ["--pin", f"{PIN[0]}:{PIN[1]}"]
@@ -70,14 +77,18 @@ def test_latency_has_both_arms_and_the_overhead(results):
     assert data["complete"] is True
     assert data["config"]["engine"] == "stub"
     assert data["config"]["stub_delay_ms"] == STUB_DELAY_MS
+    assert data["config"]["stub_token_delay_ms"] == STUB_TOKEN_DELAY_MS
     assert data["environment"]["sglang"] and data["environment"]["fastapi"]
     assert set(data["latency"]) == set(MODES)
     for mode, res in data["latency"].items():
         assert res["pairs"] == 4
         for arm in ARMS:
             assert_quantiles(res["e2e_ms"][arm])
-            # Both arms wait out the stub's delay: the option reaches the stub.
-            assert res["e2e_ms"][arm]["p50"] >= STUB_DELAY_MS
+            # Both arms wait out the stub's delays: the options reach the stub.
+            waits = STUB_DELAY_MS
+            if mode == "stream":
+                waits += (LATENCY_TOKENS - 1) * STUB_TOKEN_DELAY_MS
+            assert res["e2e_ms"][arm]["p50"] >= waits
         assert positive(data["latency_cpu"][f"latency_{mode}"]["gateway_cpu_ms_per_request"])
         assert_quantiles(res["overhead_e2e_ms"], signed=True)
         assert len(res["overhead_e2e_pairs_ms"]) == 4
@@ -101,6 +112,7 @@ def test_pinning_reaches_every_process_of_each_side(results):
         pytest.skip("one CPU: nothing to pin apart")
     assert data["config"]["pinned"] is True
     assert affinity == {"engine_tree": [PIN[0]], "gateway_tree": [PIN[1]], "client": [PIN[1]]}
+    assert data["config"]["client_cpus"] is None
 
 
 def test_throughput_blocks_and_ratios(results):
