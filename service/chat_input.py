@@ -11,7 +11,7 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from service import errors
+from service import errors, json_codec
 from service.api_keys import ApiKey, KeyStore
 from service.schemas import ChatCompletionRequest
 
@@ -49,7 +49,7 @@ async def read_chat_body(request: Request, limit: int) -> ChatCompletionRequest:
         raise errors.client_closed() from None
     raw = b"".join(chunks)
     try:
-        data = json.loads(raw)
+        data = json_codec.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise errors.unprocessable(
             f"Request body is not valid JSON: {exc}", code="invalid_json"

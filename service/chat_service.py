@@ -13,7 +13,8 @@ from typing import Any
 
 import structlog
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
+from starlette.background import BackgroundTask
 
 from service import chat_request, errors, kv_policy
 from service.admission import AdmissionController, AdmissionRejected, Ticket
@@ -28,6 +29,7 @@ from service.engine_client import (
 )
 from service.engine_supervisor import EngineMonitor
 from service.graceful_drain import Drain
+from service.json_codec import FastJSONResponse
 from service.kv_policy import EffectivePolicy, KvCacheUsage, PolicyLimits
 from service.metrics import GatewayMetrics
 from service.schemas import ChatCompletionRequest
@@ -152,23 +154,31 @@ class ChatService:
                 call.ticket.release()
 
         kv = self._attach_kv_usage(data, policy)
-        usage = data.get("usage") or {}
+        # Recorded once the response is on its way: the client need not wait for it.
+        # Nothing runs in between (no await), so a request that follows sees it counted.
+        done = BackgroundTask(self._completed, call, data.get("usage") or {}, kv)
+        return FastJSONResponse(data, headers=headers, background=done)
+
+    async def _completed(self, call: Call, usage: dict[str, Any], kv: KvCacheUsage) -> None:
+        seconds = time.monotonic() - call.started
         self._metrics.record_success(
-            policy=policy.name,
+            policy=call.policy.name,
             stream=False,
-            e2e_s=time.monotonic() - started,
+            e2e_s=seconds,
             ttft_s=None,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
             kv=kv,
         )
-        logger.info(
+        log.info(
             "chat.completed",
+            rid=call.rid,
+            key=call.key.label if call.key else None,
+            policy=call.policy.name,
             stream=False,
-            seconds=round(time.monotonic() - started, 4),
+            seconds=round(seconds, 4),
             completion_tokens=usage.get("completion_tokens"),
         )
-        return JSONResponse(data, headers=headers)
 
     async def _admit(self, request: Request, call: Call) -> Ticket:
         key_id: str | None = None

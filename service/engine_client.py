@@ -11,13 +11,13 @@ relay map them to OpenAI errors (503, 504) in one place.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from enum import StrEnum
 from typing import Any
 
 import structlog
 
+from service import json_codec
 from service.engine_http import (
     ConnectFailed,
     HttpTransportError,
@@ -154,7 +154,7 @@ class EngineClient:
         return await self._pool.request(
             "POST",
             path,
-            json.dumps(body).encode(),
+            json_codec.dumps(body),
             # Waiting for a pooled connection counts as connecting: an engine whose
             # every connection is busy past the connect timeout is not taking work.
             slot_and_connect_timeout_s=self._connect_timeout_s,
@@ -176,7 +176,7 @@ class EngineClient:
         if status != 200:
             raise EngineHTTPError(status, _json_or_text(raw, status))
         try:
-            data = json.loads(raw)
+            data = json_codec.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise EngineHTTPError(502, {"message": "engine sent invalid JSON"}) from exc
         if not isinstance(data, dict):
@@ -210,7 +210,7 @@ class EngineClient:
             resp = await self._pool.request(
                 method,
                 path,
-                None if body is None else json.dumps(body).encode(),
+                None if body is None else json_codec.dumps(body),
             )
             try:
                 return resp.status, await resp.read(None)
@@ -265,7 +265,7 @@ class EngineClient:
 
 def _json_or_text(raw: bytes, status: int) -> Any:
     try:
-        return json.loads(raw)
+        return json_codec.loads(raw)
     except (ValueError, UnicodeDecodeError):
         text = raw[:500].decode("utf-8", errors="replace")
         return {"message": text or f"engine returned HTTP {status}"}

@@ -15,6 +15,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from service.json_codec import dumps_str
+
 
 class NamedWriteLogger(structlog.WriteLogger):
     """structlog's plain file logger plus the name it was asked for, so that
@@ -45,7 +47,9 @@ def configure_logging(
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer(serializer=dumps_str)
+        if json_logs
+        else structlog.dev.ConsoleRenderer()
     )
     # The console renderer formats exceptions itself.
     exc_info: list[structlog.types.Processor] = (

