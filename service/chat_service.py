@@ -71,6 +71,8 @@ class ChatService:
         self._admission = admission
         self._metrics = metrics
         self._background: set[asyncio.Task[Any]] = set()
+        # Without API keys every request has the server's limits: worked out once.
+        self._server_limits = PolicyLimits.for_caller(settings, None)
 
     async def aclose(self) -> None:
         """Let in-flight aborts reach the engine before the client closes."""
@@ -87,7 +89,9 @@ class ChatService:
             policy = kv_policy.resolve_request(
                 req.kv_policy,
                 request.headers.get(kv_policy.HEADER),
-                PolicyLimits.for_caller(self._settings, key),
+                self._server_limits
+                if key is None
+                else PolicyLimits.for_caller(self._settings, key),
             )
         except errors.OpenAIError:
             self._metrics.record_outcome(policy=UNRESOLVED, stream=stream, outcome="invalid")

@@ -112,14 +112,18 @@ class EngineStream:
         """Hand the connection back to the pool if the body was read to its end, else
         close it. `drain`: the stream is logically complete (`[DONE]` seen), so wait
         briefly for the body's terminating chunk, which keeps the connection reusable."""
-        if drain and not self._response.at_end:
-            try:
-                async with asyncio.timeout(DRAIN_TIMEOUT_S):
-                    async for _ in self._response.iter_data(None):
-                        pass
-            except TRANSPORT_ERRORS:
-                pass
-        self._response.release()
+        try:
+            if drain and not self._response.at_end:
+                try:
+                    async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                        async for _ in self._response.iter_data(None):
+                            pass
+                except TRANSPORT_ERRORS:
+                    pass
+        finally:
+            # Even when cancelled mid-drain: a response not read to its end closes its
+            # connection, and the pool's slot comes back either way.
+            self._response.release()
 
     def close(self) -> None:
         """Drop the connection now (a stream nobody will read: no drain, no reuse)."""

@@ -147,10 +147,13 @@ class PolicyLimits:
         )
 
 
+_NOTHING_ASKED = KvPolicyRequest()
+
+
 def parse_body_field(raw: Any) -> KvPolicyRequest:
     """Validate the body's `kv_policy` object; any problem is a 400 naming the field."""
     if raw is None:
-        return KvPolicyRequest()
+        return _NOTHING_ASKED
     if not isinstance(raw, dict):
         raise invalid_field(FIELD, f"expected {FIELD} to be an object, got {type(raw).__name__}")
     return _validate(raw, prefix=FIELD)
@@ -278,5 +281,7 @@ def _tuning(requested: KvPolicyRequest) -> dict[str, Any]:
 
 
 def resolve_request(body_field: Any, header: str | None, limits: PolicyLimits) -> EffectivePolicy:
-    requested = parse_body_field(body_field).merged_over(parse_header(header))
+    requested = parse_body_field(body_field)
+    if header is not None and header.strip():
+        requested = requested.merged_over(parse_header(header))
     return resolve(requested, limits)

@@ -167,3 +167,66 @@ def test_an_admission_slot_won_as_the_caller_is_cancelled_is_released() -> None:
         return admission.in_flight, admission.queued
 
     assert run(main()) == (0, 0)
+
+
+def test_after_a_disconnect_the_caller_runs_on_uncancelled() -> None:
+    """The watcher cancels the caller's own task to stop the work; that cancellation is
+    taken back, so the caller's clean-up can still await (send an abort, record)."""
+
+    async def main() -> int:
+        request = FakeRequest()
+        asyncio.get_running_loop().call_later(0.02, request.gone.set)
+        with pytest.raises(ClientDisconnected):
+            await until_disconnect(request, asyncio.sleep(30))  # type: ignore[arg-type]
+        await asyncio.sleep(0.01)  # would raise CancelledError if one were left pending
+        task = asyncio.current_task()
+        assert task is not None
+        return task.cancelling()
+
+    assert run(main()) == 0
+
+
+def test_a_disconnect_with_the_result_never_cancels_what_follows() -> None:
+    """The client leaves in the loop iteration where the work's result arrives: either
+    the result is returned or ClientDisconnected raised, and in neither case does the
+    watcher's late callback cancel the caller afterwards."""
+
+    async def main() -> str:
+        request = FakeRequest()
+        work: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+        async def finish_together() -> None:
+            await asyncio.sleep(0.01)
+            work.set_result("result")
+            request.gone.set()
+
+        helper = asyncio.ensure_future(finish_together())
+        try:
+            outcome = await until_disconnect(request, work)  # type: ignore[arg-type]
+        except ClientDisconnected:
+            outcome = "disconnected"
+        for _ in range(5):
+            await asyncio.sleep(0.005)
+        await helper
+        return outcome
+
+    assert run(main()) in ("result", "disconnected")
+
+
+def test_a_server_shutdown_during_a_disconnect_stays_a_cancellation() -> None:
+    async def main() -> None:
+        request = FakeRequest()
+
+        async def guarded() -> None:
+            await until_disconnect(request, asyncio.sleep(30))  # type: ignore[arg-type]
+
+        call = asyncio.ensure_future(guarded())
+        await asyncio.sleep(0.01)
+        request.gone.set()
+        while call.cancelling() == 0:  # until the watcher has cancelled it
+            await asyncio.sleep(0)
+        call.cancel()  # and the server too, before the first was delivered
+        with pytest.raises(asyncio.CancelledError):
+            await call
+
+    run(main())

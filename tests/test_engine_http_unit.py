@@ -298,3 +298,45 @@ def test_limits_and_timeouts():
             pool.close()
 
     run(scenario())
+
+
+def test_a_drain_cancelled_midway_still_gives_the_connection_back():
+    """Closing a finished stream waits briefly for the body's end (to keep the
+    connection); cancelled during that wait (server shutdown), the connection is closed
+    and its pool slot freed, or the pool would shrink by one for good."""
+    from service.engine_client import EngineClient
+
+    async def stream_then_stall(reader, writer, n: int) -> None:
+        await read_request(reader)
+        if n == 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"e\r\ndata: [DONE]\n\n\r\n")  # no terminating chunk: stalls
+            await writer.drain()
+            await asyncio.sleep(30)
+        else:
+            writer.write(reply(b'{"ok": true}'))
+            await writer.drain()
+
+    async def scenario() -> None:
+        async with Server(stream_then_stall) as url:
+            client = EngineClient(url, connect_timeout_s=1, read_timeout_s=5, max_connections=1)
+            stream = await client.open_stream({"stream": True})
+            batches = [batch async for batch in _first(stream.line_batches())]
+            assert batches == [[b"data: [DONE]", b""]]
+            closing = asyncio.ensure_future(stream.aclose(drain=True))
+            await asyncio.sleep(0.05)
+            assert not closing.done()  # waiting for the terminating chunk
+            closing.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await closing
+            # The only slot is free again: the next request gets a connection at once.
+            assert await client.chat({"stream": False}) == {"ok": True}
+            await client.aclose()
+
+    run(scenario())
+
+
+async def _first(batches):
+    async for batch in batches:
+        yield batch
+        return

@@ -222,6 +222,31 @@ def test_client_hanging_up_on_a_silent_engine_ends_the_response_at_once():
     assert upstream.drained is False
 
 
+def test_after_a_hang_up_the_request_task_runs_on_uncancelled():
+    """The relay runs in the request's task and the watcher cancels that task when the
+    client leaves; the cancellation is taken back, so what wraps the response (the
+    metrics middleware, the server's own bookkeeping) can still await."""
+    upstream = Silent([b"data: " + chunk("Hi")])
+    response, finishes = response_for(upstream)
+
+    async def request_task(exchange: Exchange) -> int:
+        await response({"type": "http"}, exchange.receive, exchange.send)
+        await asyncio.sleep(0.01)  # would raise CancelledError if one were left pending
+        task = asyncio.current_task()
+        assert task is not None
+        return task.cancelling()
+
+    async def run() -> int:
+        exchange = Exchange()
+        task = asyncio.ensure_future(request_task(exchange))
+        await asyncio.sleep(0.05)
+        exchange.hang_up.set()
+        return await asyncio.wait_for(task, 5)
+
+    assert asyncio.run(run()) == 0
+    assert finishes == [(True, "client_disconnected")]
+
+
 def test_a_failed_write_to_the_client_counts_as_a_disconnect():
     upstream = Silent([b"data: " + chunk("Hi")])
     response, finishes = response_for(upstream)
