@@ -86,6 +86,7 @@ from benchmarks.cpu_decode import (  # noqa: E402
     package_version,
     terminate,
 )
+from benchmarks.hop_trace import hop_probe  # noqa: E402
 from service.chat_request import upstream_body  # noqa: E402
 from service.kv_policy import PolicyLimits, resolve_request  # noqa: E402
 from service.schemas import ChatCompletionRequest  # noqa: E402
@@ -473,6 +474,17 @@ def parse_cpus(text: str) -> set[int]:
     return cpus
 
 
+def start_hop_trace(directory: Path) -> Callable[[str], None]:
+    """Trace this process (the client) now, and every process started from here on (the
+    engine, the gateway) through the probe's sitecustomize on their PYTHONPATH."""
+    probe_dir = Path(__file__).resolve().parent / "hop_trace"
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ[hop_probe.ENV] = str(directory.resolve())
+    paths = [str(probe_dir), os.environ.get("PYTHONPATH", "")]
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    return hop_probe.install(str(directory))
+
+
 def parse_cpu_arg(text: str) -> set[int]:
     try:
         cpus = parse_cpus(text)
@@ -806,6 +818,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--gateway-profile", type=Path, help="run the gateway under cProfile (CPU time), stats here"
     )
+    parser.add_argument(
+        "--hop-trace",
+        type=Path,
+        metavar="DIR",
+        help="log every HTTP hop of the client, gateway and engine into DIR (a few us per "
+        "event in each process); read it with benchmarks/hop_report.py",
+    )
     return parser
 
 
@@ -845,6 +864,7 @@ async def run_phases(
     ends: Endpoints,
     meter_for: Callable[[], CpuMeter],
     results: Results,
+    mark: Callable[[str], None] | None = None,
 ) -> None:
     latency, cpu, throughput = results.latency, results.latency_cpu, results.throughput
     for mode in args.modes:
@@ -859,6 +879,8 @@ async def run_phases(
         used["gateway_cpu_ms_per_request"] = 1000 * used["gateway_cpu_s"] / gateway_requests
         cpu[f"latency_{mode}"] = used
         results.save()
+    if mark is not None:
+        mark("throughput")
     for mode in args.modes:
         for conc in args.concurrency:
             log(f"throughput: {mode}, concurrency {conc}")
@@ -881,6 +903,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.client_cpus is not None and args.pin is None:
         parser.error("--client-cpus needs --pin")
     started = dt.datetime.now(dt.UTC)
+    mark = None if args.hop_trace is None else start_hop_trace(args.hop_trace)
     with tempfile.TemporaryDirectory(prefix="gateway-overhead-") as tmp:
         workdir = Path(tmp)
         if args.model_path is None:
@@ -922,6 +945,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "kv_policy": kv,
                 "gateway": "separate process (raas-serve serve, remote mode, log level info)",
                 "gateway_profiled": args.gateway_profile is not None,
+                "hop_traced": args.hop_trace is not None,
                 "pinned": args.pin is not None,
                 "client_cpus": sorted(args.client_cpus) if args.client_cpus else None,
             },
@@ -961,7 +985,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             def meter_for() -> CpuMeter:
                 return CpuMeter(proc.pid, engine.pid)
 
-            asyncio.run(run_phases(args, ends, meter_for, results))
+            asyncio.run(run_phases(args, ends, meter_for, results, mark))
     results.header["wall_s"] = round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1)
     if args.gateway_profile is not None:
         results.header["gateway_profile"] = profile_shares(args.gateway_profile)
