@@ -88,12 +88,14 @@ def _last(e: Event) -> bool:
     return e.kind == "SS" and e.fields[1] == "http.response.body" and e.fields[3] == "False"
 
 
-def steps(window: Sequence[Event]) -> tuple[str, dict[str, float]] | None:
-    """The window's arm and step times (us from its start); None for an incomplete one
-    (the trace's first or last request, a failed one)."""
+def steps(window: Sequence[Event]) -> tuple[str, str, dict[str, float]] | None:
+    """The window's mode, arm and step times (us from its start); None for an
+    incomplete one (the trace's first or last request, a failed one)."""
     t0 = window[0].t
     arm = "gateway" if any(e.role == "gateway" for e in window) else "direct"
     source = "gateway" if arm == "gateway" else "engine"
+    engine_bodies = sum(1 for e in window if e.role == "engine" and _body(e))
+    mode = "stream" if engine_bodies > 1 else "nonstream"
 
     def first(role: str, pred: Any, after: int = 0) -> int | None:
         return next((e.t for e in window if e.role == role and e.t >= after and pred(e)), None)
@@ -118,17 +120,24 @@ def steps(window: Sequence[Event]) -> tuple[str, dict[str, float]] | None:
         found["gateway_exit"] = last("gateway", lambda e: e.kind == "GX")
     if any(v is None for v in found.values()):
         return None
-    return arm, {k: (v - t0) / 1000 for k, v in found.items() if v is not None}
+    return mode, arm, {k: (v - t0) / 1000 for k, v in found.items() if v is not None}
 
 
 def report(directory: Path, skip: int = 0) -> dict[str, Any]:
-    by_arm: dict[str, list[dict[str, float]]] = {"direct": [], "gateway": []}
+    """Per mode (stream, nonstream) found in the trace."""
+    by_mode: dict[str, dict[str, list[dict[str, float]]]] = {}
     for window in requests(load(directory))[skip:]:
         found = steps(window)
         if found is not None:
-            by_arm[found[0]].append(found[1])
-    if not by_arm["direct"] or not by_arm["gateway"]:
+            mode, arm, times = found
+            by_mode.setdefault(mode, {"direct": [], "gateway": []})[arm].append(times)
+    modes = {m: arms for m, arms in by_mode.items() if arms["direct"] and arms["gateway"]}
+    if not modes:
         raise SystemExit(f"no complete request of both arms in {directory}")
+    return {mode: _mode_report(arms) for mode, arms in sorted(modes.items())}
+
+
+def _mode_report(by_arm: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
     medians = {
         arm: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
         for arm, rows in by_arm.items()
@@ -161,7 +170,13 @@ def report(directory: Path, skip: int = 0) -> dict[str, Any]:
     }
 
 
-def print_report(result: dict[str, Any]) -> None:
+def print_report(report: dict[str, Any]) -> None:
+    for mode, result in report.items():
+        print(f"\n{mode}")
+        _print_mode(result)
+
+
+def _print_mode(result: dict[str, Any]) -> None:
     print(f"requests: {result['requests']}")
     print(f"{'step (us from the request)':28} {'direct':>10} {'gateway':>10}")
     for step in (*STEPS, *TAIL, *GATEWAY_STEPS):

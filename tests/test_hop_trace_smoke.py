@@ -9,6 +9,8 @@ assertions beyond the order of the steps within one request.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -40,6 +42,8 @@ def test_every_hop_is_traced_and_reported_in_order(tmp_path, bundled_model_path)
     hop_report = load_benchmark("hop_report")
     result = hop_report.report(trace)
     # Warm-up and latency pairs, one request per arm each; the throughput phase is cut off.
+    assert set(result) == {"stream"}
+    result = result["stream"]
     assert result["requests"] == {"direct": 5, "gateway": 5}
     for arm, steps in result["median_us"].items():
         order = ["engine_received", "engine_first", "source_first", "client_first"]
@@ -49,14 +53,7 @@ def test_every_hop_is_traced_and_reported_in_order(tmp_path, bundled_model_path)
     gw = result["median_us"]["gateway"]
     assert gw["gateway_received"] < gw["gateway_sent"] < gw["engine_received"]
     assert result["gateway_us"]["work_after_last_send"] > 0
-    assert "the gateway adds" in _printed(hop_report, result)
-
-
-def _printed(module, result) -> str:
-    import contextlib
-    import io
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        module.print_report(result)
-    return out.getvalue()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        hop_report.print_report({"stream": result})
+    assert "the gateway adds" in printed.getvalue()
