@@ -929,7 +929,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "uvicorn",
                         "uvloop",
                         "httptools",
-                        "aiohttp",
+                        "orjson",
                         "httpx",
                     )
                 },
