@@ -160,16 +160,23 @@ class ChatService:
         kv = self._attach_kv_usage(data, policy)
         # Recorded once the response is on its way: the client need not wait for it.
         # Nothing runs in between (no await), so a request that follows sees it counted.
-        done = BackgroundTask(self._completed, call, data.get("usage") or {}, kv)
+        done = BackgroundTask(self._completed, call, data.get("usage") or {}, kv, None)
         return FastJSONResponse(data, headers=headers, background=done)
 
-    async def _completed(self, call: Call, usage: dict[str, Any], kv: KvCacheUsage) -> None:
+    async def _completed(
+        self,
+        call: Call,
+        usage: dict[str, Any],
+        kv: KvCacheUsage,
+        first_token_at: float | None,
+    ) -> None:
+        """A successful request's metrics and log line, streamed or not."""
         seconds = time.monotonic() - call.started
         self._metrics.record_success(
             policy=call.policy.name,
-            stream=False,
+            stream=call.stream,
             e2e_s=seconds,
-            ttft_s=None,
+            ttft_s=(first_token_at - call.started) if first_token_at else None,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
             completion_tokens=int(usage.get("completion_tokens") or 0),
             kv=kv,
@@ -179,7 +186,7 @@ class ChatService:
             rid=call.rid,
             key=call.key.label if call.key else None,
             policy=call.policy.name,
-            stream=False,
+            stream=call.stream,
             seconds=round(seconds, 4),
             completion_tokens=usage.get("completion_tokens"),
         )
@@ -225,24 +232,8 @@ class ChatService:
                 engine_errors=result.engine_errors or None,
             )
             return
-        usage = result.usage or {}
-        now = time.monotonic()
-        self._metrics.record_success(
-            policy=call.policy.name,
-            stream=True,
-            e2e_s=now - call.started,
-            ttft_s=(result.first_token_at - call.started) if result.first_token_at else None,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or 0),
-            kv=result.kv or KvCacheUsage.merge(call.policy, None),
-        )
-        log.info(
-            "chat.completed",
-            rid=call.rid,
-            stream=True,
-            seconds=round(now - call.started, 4),
-            completion_tokens=usage.get("completion_tokens"),
-        )
+        kv = result.kv or KvCacheUsage.merge(call.policy, None)
+        await self._completed(call, result.usage or {}, kv, result.first_token_at)
 
     def _attach_kv_usage(self, data: dict[str, Any], policy: EffectivePolicy) -> KvCacheUsage:
         usage = data.get("usage")
