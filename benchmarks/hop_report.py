@@ -11,7 +11,9 @@ Steps, in microseconds from the client's first write of the request:
 - source_first:     the first body chunk leaves for the client (the engine's in the
                     direct arm, the gateway's through it)
 - client_first:     the client's first read after that
-- source_last:      the response's last send (`more_body` false)
+- source_last:      the response's last send that carries bytes (starlette ends a
+                    streamed response with an empty send after `[DONE]`, which a
+                    client that stops at `[DONE]` never waits for)
 - client_last:      the client's last read of the response
 Gateway arm only:
 - gateway_received: the gateway reads the request's last bytes
@@ -84,10 +86,6 @@ def _body(e: Event) -> bool:
     return e.kind == "SS" and e.fields[1] == "http.response.body" and e.fields[2] != "0"
 
 
-def _last(e: Event) -> bool:
-    return e.kind == "SS" and e.fields[1] == "http.response.body" and e.fields[3] == "False"
-
-
 def steps(window: Sequence[Event]) -> tuple[str, str, dict[str, float]] | None:
     """The window's mode, arm and step times (us from its start); None for an
     incomplete one (the trace's first or last request, a failed one)."""
@@ -110,7 +108,7 @@ def steps(window: Sequence[Event]) -> tuple[str, str, dict[str, float]] | None:
         "engine_first": engine_first,
         "source_first": source_first,
         "client_first": first("client", lambda e: e.kind == "CR", after=source_first or 0),
-        "source_last": last(source, _last),
+        "source_last": last(source, _body),
         "client_last": last("client", lambda e: e.kind == "CR"),
     }
     if arm == "gateway":
