@@ -5,8 +5,6 @@ limit, 422 when it is not a chat request).
 
 from __future__ import annotations
 
-import json
-
 from fastapi import Request
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
@@ -49,15 +47,10 @@ async def read_chat_body(request: Request, limit: int) -> ChatCompletionRequest:
         raise errors.client_closed() from None
     raw = b"".join(chunks)
     try:
-        data = json_codec.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = json_codec.loads_request(raw)
+    except json_codec.InvalidJSON as exc:
         raise errors.unprocessable(
             f"Request body is not valid JSON: {exc}", code="invalid_json"
-        ) from exc
-    except RecursionError:
-        # Well under the size limit, `[[[[...` still exhausts the parser's stack.
-        raise errors.unprocessable(
-            "Request body is not valid JSON: nested too deeply", code="invalid_json"
         ) from None
     if not isinstance(data, dict):
         raise errors.unprocessable("Request body must be a JSON object", code="invalid_json")

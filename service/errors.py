@@ -13,9 +13,10 @@ from typing import Any
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.json_codec import FastJSONResponse
 
 log = structlog.get_logger(__name__)
 
@@ -54,8 +55,8 @@ class OpenAIError(Exception):
     def body(self) -> dict[str, Any]:
         return ErrorBody(error=self.detail).model_dump()
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+    def response(self) -> FastJSONResponse:
+        return FastJSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
 
 
 def invalid_field(param: str, message: str, code: str = "invalid_value") -> OpenAIError:
@@ -176,13 +177,13 @@ def validation_error_to_openai(errors: Sequence[Mapping[str, Any]]) -> OpenAIErr
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def on_openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
+    async def on_openai_error(_: Request, exc: OpenAIError) -> FastJSONResponse:
         return exc.response()
 
-    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> FastJSONResponse:
         return validation_error_to_openai(exc.errors()).response()
 
-    async def on_http_exception(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def on_http_exception(_: Request, exc: StarletteHTTPException) -> FastJSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
         message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
@@ -190,7 +191,7 @@ def install_error_handlers(app: FastAPI) -> None:
             exc.status_code, message, type=kind, code=code, headers=exc.headers
         ).response()
 
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def on_unexpected(request: Request, exc: Exception) -> FastJSONResponse:
         log.exception("request.unhandled_error", path=request.url.path)
         return OpenAIError(
             500, "Internal server error", type="server_error", code="internal_error"

@@ -41,10 +41,11 @@ class KvPolicyRequest(BaseModel):
 
     name: StrictStr | None = None
     budget_tokens: StrictInt | None = None
-    alpha: StrictFloat | StrictInt | None = None
+    # StrictFloat takes an integer too, as a float; one past a float's range is refused.
+    alpha: StrictFloat | None = None
     head_agg: StrictStr | None = None
     layer_agg: StrictStr | None = None
-    refresh_top_fraction: StrictFloat | StrictInt | None = None
+    refresh_top_fraction: StrictFloat | None = None
     recent_tokens: StrictInt | None = None
 
     def merged_over(self, base: KvPolicyRequest) -> KvPolicyRequest:

@@ -1,6 +1,8 @@
 """service/json_codec.py: orjson's speed without its stricter grammar. Every document the
-standard library parses still parses, to the same value; every one it refuses is still
-refused, with its error; what orjson cannot write is written by the standard library."""
+standard library parses still parses with `loads` (the engine's answers), to the same
+value; every one it refuses is still refused, with its error; a client's body
+(`loads_request`) must be strict JSON; what orjson cannot write is written by the
+standard library."""
 
 from __future__ import annotations
 
@@ -68,6 +70,31 @@ JSON_VALUES = st.recursive(
 def test_any_document_round_trips_and_reads_as_the_standard_library_reads_it(value):
     raw = json_codec.dumps(value)
     assert json_codec.loads(raw) == json.loads(raw) == value
+    assert json_codec.loads_request(raw) == value
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        *zip(ONLY_STDLIB, ["NaN", "Infinity", "surrogate", "UTF-8"], strict=True),
+        (b'{"a": ["ok", {"\\udfff": 1}]}', "surrogate"),
+        (b'{"n": 1%s}' % (b"0" * 5000), "digits"),
+        (b"[" * 100_000, "deeply"),
+        (b'{"a": 1,}', "line 1 column 9"),
+    ],
+)
+def test_a_request_body_must_be_strict_json(raw, reason):
+    with pytest.raises(json_codec.InvalidJSON, match=reason):
+        json_codec.loads_request(raw)
+
+
+def test_a_surrogate_pair_is_unicode_and_reads_in_a_request():
+    assert json_codec.loads_request(b'{"c": "\\ud83e\\udde0"}') == {"c": "\U0001f9e0"}
+
+
+def test_a_lone_surrogate_read_from_the_engine_is_written_as_its_escape():
+    value = json_codec.loads(b'{"content": "a\\ud800", "n": %d}' % 2**70)
+    assert json_codec.dumps(value) == b'{"content":"a\\ud800","n":%d}' % 2**70
 
 
 def test_written_as_starlette_writes_json_responses():
