@@ -67,6 +67,7 @@ def check_values(req: ChatCompletionRequest, settings: Settings) -> None:
             raise invalid_field("top_logprobs", "top_logprobs requires logprobs=true")
     if req.stream_options is not None and not req.stream:
         raise invalid_field("stream_options", "stream_options is only allowed with stream=true")
+    _check_logit_bias(req.logit_bias)
     for name in req.model_extra or {}:
         if name in RESERVED_FIELDS:
             raise invalid_field(name, f"{name!r} is set by the gateway and may not be sent")
@@ -88,6 +89,23 @@ def _check_range(
     if not math.isfinite(value) or below or value > high:
         bracket = "(" if low_open else "["
         raise invalid_field(name, f"expected {name} in {bracket}{low:g}, {high:g}], got {value}")
+
+
+MAX_LOGIT_BIAS = 100.0
+
+
+def _check_logit_bias(bias: dict[str, float] | None) -> None:
+    # SGLang would hand a bad key to Python's int() and echo its message back.
+    for token, value in (bias or {}).items():
+        if not (token.isascii() and token.isdigit()):
+            raise invalid_field(
+                "logit_bias", f"expected token ids (non-negative integers) as keys, got {token!r}"
+            )
+        if not (math.isfinite(value) and -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS):
+            raise invalid_field(
+                "logit_bias",
+                f"expected a bias in [-100, 100] for token {token}, got {value}",
+            )
 
 
 def upstream_body(

@@ -135,8 +135,71 @@ def upstream_timeout(seconds: float) -> OpenAIError:
     )
 
 
-def engine_error(status_code: int, message: str) -> OpenAIError:
-    return OpenAIError(502, message, type="server_error", code=f"engine_error_{status_code}")
+def engine_error(status_code: int, message: str | None = None) -> OpenAIError:
+    return OpenAIError(
+        502,
+        message or f"The inference engine failed the request (HTTP {status_code})",
+        type="server_error",
+        code=f"engine_error_{status_code}",
+    )
+
+
+# What must never reach a client from the engine: source paths and tracebacks, pydantic's
+# error dumps, Python's own exception texts (SGLang returns `str(exc)` of whatever it hit).
+_INTERNALS = re.compile(
+    r"""Traceback|File\ "|\.py\b|line\ \d+|\bEndpoint:|validation\ errors?\b|'loc':|
+    errors\.pydantic\.dev|invalid\ literal\ for|object\ has\ no\ attribute|
+    object\ is\ not|unsupported\ operand|not\ subscriptable|\b[A-Z]\w+(Error|Exception):|
+    Internal\ server\ error""",
+    re.VERBOSE,
+)
+# A pydantic error's location inside such a dump: `'loc': ('body', 'tools', 0, 'function')`.
+_DUMPED_LOC = re.compile(r"'loc': \(([^)]*)\)")
+# SGLang's sampling parameters and the request fields clients know them by.
+_ENGINE_FIELDS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "frequency_penalty": "frequency_penalty",
+    "presence_penalty": "presence_penalty",
+    "repetition_penalty": "repetition_penalty",
+    "min_new_tokens": "min_tokens",
+    "max_new_tokens": "max_tokens",
+    "logit_bias": "logit_bias",
+    "sampling_seed": "seed",
+    "stop_token_ids": "stop_token_ids",
+    "tool_choice": "tool_choice",
+    "tools": "tools",
+    "response_format": "response_format",
+}
+_ENGINE_FIELD = re.compile(r"\b(" + "|".join(_ENGINE_FIELDS) + r")\b")
+_CONTEXT_LENGTH = re.compile(r"context length|maximum context", re.IGNORECASE)
+
+
+def clean_engine_message(message: str) -> tuple[str, str | None]:
+    """An engine's error message fit for a client, and the field it is about, if known.
+
+    A message that carries engine internals is replaced by one naming the field; the
+    original goes to the log.
+    """
+    param = _param_from_message(message)
+    if param is None:
+        dumped = _DUMPED_LOC.search(message)
+        if dumped:
+            parts = [p.strip().strip("'\"") for p in dumped.group(1).split(",")]
+            param = _loc_to_param([int(p) if p.isdigit() else p for p in parts if p])
+        elif _CONTEXT_LENGTH.search(message):
+            param = "messages"
+        else:
+            named = _ENGINE_FIELD.search(message)
+            param = _ENGINE_FIELDS[named.group(1)] if named else None
+    if not _INTERNALS.search(message):
+        return message, param
+    log.info("engine.error_message_withheld", message=message[:2000])
+    if param is None:
+        return "The inference engine rejected the request as invalid", None
+    return f"Invalid value for {param!r} (rejected by the inference engine)", param
 
 
 def from_engine_payload(status_code: int, payload: Any) -> OpenAIError:
@@ -144,16 +207,20 @@ def from_engine_payload(status_code: int, payload: Any) -> OpenAIError:
     detail = payload.get("error", payload) if isinstance(payload, dict) else {}
     if not isinstance(detail, dict):
         detail = {"message": str(detail)}
-    message = str(detail.get("message") or f"engine returned HTTP {status_code}")
-    param = detail.get("param")
-    param = param if isinstance(param, str) else _param_from_message(message)
+    raw = str(detail.get("message") or f"engine returned HTTP {status_code}")
+    message, param = clean_engine_message(raw)
+    if isinstance(detail.get("param"), str):
+        param = detail["param"]
     if 400 <= status_code < 500:
         # SGLang's 4xx are the client's fault (prompt too long, bad message); keep the status.
         status = 400 if status_code in (400, 422) else status_code
         return OpenAIError(status, message, param=param, code="invalid_request")
     if status_code == 503:
-        return engine_unavailable(message)
-    return engine_error(status_code, message)
+        return engine_unavailable()
+    # An engine's 5xx says what broke inside it (SGLang: "Internal server error: <exc>"):
+    # the log keeps it, the client learns only that it failed.
+    log.warning("engine.server_error", status=status_code, message=raw[:2000])
+    return engine_error(status_code)
 
 
 def _param_from_message(message: str) -> str | None:

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from benchmarks.stub_engine import chat as stub_chat
@@ -33,10 +33,40 @@ async def healthy(_: Request) -> JSONResponse:
     return JSONResponse({})
 
 
-# The stub's chat; every probe the gateway may send (health, model info) answers 200.
+# Error bodies as SGLang 0.5.23 writes them (serving_base.py, http_server.py): the status
+# and the `str()` of whatever it caught.
+SGLANG_TOOLS_ERROR = (
+    "1 validation error:\n  {'type': 'missing', 'loc': ('body', 'tools', 0, 'function'), "
+    "'msg': 'Field required', 'input': {'type': 'function'}}\n\n"
+    '  File "/opt/venv/lib/python3.11/site-packages/sglang/srt/entrypoints/http_server.py", '
+    "line 1502, in openai_v1_chat_completions\n    POST /v1/chat/completions"
+)
+ENGINE_ERRORS: dict[str, tuple[int, str]] = {
+    "tools": (400, SGLANG_TOOLS_ERROR),
+    "int": (400, "invalid literal for int() with base 10: 'abc'"),
+    "crash": (500, "Internal server error: KeyError: 'input_ids' (scheduler.py:812)"),
+    "context": (
+        400,
+        "The input (9000 tokens) is longer than the model's context length (8192 tokens).",
+    ),
+}
+
+
+async def engine(request: Request) -> Response:
+    """The stub engine, or one of SGLang's error bodies when the message names one."""
+    body = await request.json()
+    last = body["messages"][-1].get("content")
+    if isinstance(last, str) and last.startswith("engine-error:"):
+        status, message = ENGINE_ERRORS[last.removeprefix("engine-error:")]
+        error = {"object": "error", "message": message, "type": "BadRequest", "param": None}
+        return JSONResponse({**error, "code": status}, status_code=status)
+    return await stub_chat(request)
+
+
+# Every probe the gateway may send (health, model info) answers 200.
 STUB = Starlette(
     routes=[
-        Route(CHAT, stub_chat, methods=["POST"]),
+        Route(CHAT, engine, methods=["POST"]),
         Route("/{probe:path}", healthy, methods=["GET"]),
     ]
 )
@@ -263,3 +293,46 @@ def test_hostile_input_never_gets_a_server_error(gw, raw):
                     assert leak not in message, message
         # The same connection serves a valid request next.
         assert http.post(f"{gw}{CHAT}", json=body(max_tokens=1)).status_code == 200
+
+
+# --- engine internals never reach a client ------------------------------------------------
+
+INTERNALS = ("Traceback", ".py", "line 1502", "'loc'", "int()", "KeyError", "validation error")
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "param"),
+    [("tools", 400, "tools.0.function"), ("int", 400, None), ("crash", 502, None)],
+)
+def test_engine_errors_reach_the_client_without_internals(gw, kind, status, param):
+    resp = httpx.post(
+        f"{gw}{CHAT}",
+        json={"model": MODEL, "messages": [{"role": "user", "content": f"engine-error:{kind}"}]},
+        timeout=30,
+    )
+    assert resp.status_code == status
+    err = error_of(resp)
+    assert err["param"] == param
+    for leak in INTERNALS:
+        assert leak not in err["message"], err
+
+
+def test_a_clean_engine_error_passes_through_naming_the_field(gw):
+    resp = httpx.post(
+        f"{gw}{CHAT}",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "engine-error:context"}]},
+        timeout=30,
+    )
+    assert resp.status_code == 400
+    err = error_of(resp)
+    assert err["message"] == ENGINE_ERRORS["context"][1] and err["param"] == "messages"
+
+
+@pytest.mark.parametrize(
+    "bias", [{"abc": 1}, {"-1": 1}, {" 5": 1}, {"5": 101}, {"5": -100.5}, {"٣": 1}]
+)
+def test_a_bad_logit_bias_is_400_naming_the_field(gw, bias):
+    resp = httpx.post(f"{gw}{CHAT}", json=body(logit_bias=bias), timeout=30)
+    assert resp.status_code == 400
+    err = error_of(resp)
+    assert err["param"] == "logit_bias" and "int()" not in err["message"]
