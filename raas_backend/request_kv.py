@@ -89,6 +89,12 @@ class RequestKV:
 
     def add_layer_scores(self, per_page: torch.Tensor) -> None:
         """Fold one layer's head-aggregated page scores (shape [len(pages)]) into the step."""
+        self.add_step_scores(per_page, 1)
+
+    def add_step_scores(self, per_page: torch.Tensor, layers: int) -> None:
+        """Fold a whole step's scores at once: per_page (shape [len(pages)]) is already
+        aggregated over heads and over `layers` layers (max, or the sum for a mean), as
+        `layers` calls of `add_layer_scores` would have left it."""
         per_page = per_page.float().cpu()
         if self._acc is None:
             self._acc = per_page.clone()
@@ -96,7 +102,7 @@ class RequestKV:
             torch.maximum(self._acc, per_page, out=self._acc)
         else:
             self._acc += per_page
-        self._layers += 1
+        self._layers += layers
 
     def select_for_layer(self, bounds: torch.Tensor) -> list[int]:
         """Quest: choose this layer's pages from bounds of shape [retained, num_qo_heads]."""

@@ -1,4 +1,5 @@
-"""The `raas` attention backend for SGLang.
+"""The `raas` attention backend for SGLang off CUDA (the torch path; CUDA hosts get
+`flashinfer_backend.RaasFlashInferBackend`).
 
 Prefill runs as in SGLang's torch-native backend (full causal attention over the
 prompt). Each decode step attends, per request, over the prompt, the pages its policy
@@ -22,6 +23,7 @@ from raas_backend.kernels.torch_ref import page_key_bounds, quest_bounds
 from raas_backend.request_kv import RequestKV, head_aggregate
 from raas_backend.sglang_plugin.runtime import activate_runtime
 from raas_backend.sglang_plugin.server_requirements import check_server_args
+from raas_backend.sglang_plugin.step_lists import build_step_lists, expand_segments
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -68,41 +70,28 @@ class RaasAttnBackend(TorchNativeAttnBackend):
         )
 
     def _build_decode_index(self, fb: ForwardBatch) -> DecodeIndex:
+        # The same host-side lists and device expansion as the CUDA backend
+        # (step_lists), so the CPU engine tests run the logic the GPU path runs.
         rtt = self.req_to_token_pool.req_to_token
         rows = fb.req_pool_indices.tolist()
         seq_lens = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
-        indptr = [0]
-        indices: list[torch.Tensor] = []
-        token_pages: list[torch.Tensor] = []
-        page_offsets = [0]
-        states: list[RequestKV | None] = []
-        for row, seq_len in zip(rows, seq_lens, strict=True):
-            state = self.runtime.get(row)
-            if state is None:
-                positions = torch.arange(seq_len, dtype=torch.int64)
-                pages = torch.full((seq_len,), -1, dtype=torch.int64)
-                n_pages = 0
-            else:
-                if state.table.seq_len != seq_len:
-                    raise RuntimeError(
-                        f"raas: row {row} has {state.table.seq_len} positions, engine {seq_len}"
-                    )
-                positions, pages = state.positions()
-                n_pages = len(state.pages)
-                pages = torch.where(pages >= 0, pages + page_offsets[-1], pages)
-            states.append(state)
-            indices.append(rtt[row, positions.to(rtt.device)].to(torch.int64))
-            token_pages.append(pages)
-            indptr.append(indptr[-1] + positions.numel())
-            page_offsets.append(page_offsets[-1] + n_pages)
+        states = [self.runtime.get(row) for row in rows]
+        if states and all(s is not None for s in states):
+            hook_rows, _ = self.runtime.step_batch()
+            if list(hook_rows) != rows:
+                raise RuntimeError(
+                    f"raas: the scheduler listed rows {hook_rows}, the forward batch {rows}"
+                )
+        lists = build_step_lists(rows, seq_lens, states)
+        kv_indices, token_page = expand_segments(lists, rtt)
         return DecodeIndex(
-            kv_indptr=torch.tensor(indptr, dtype=torch.int64),
-            kv_indices=torch.cat(indices),
-            token_page=torch.cat(token_pages).to(rtt.device),
-            page_offsets=page_offsets,
+            kv_indptr=lists.kv_indptr.to(torch.int64),
+            kv_indices=kv_indices.to(torch.int64),
+            token_page=token_page,
+            page_offsets=lists.page_indptr.tolist(),
             states=states,
             rows=rows,
-            any_scores=any(s is not None and s.needs_scores for s in states),
+            any_scores=lists.num_pages > 0,
             any_per_layer=any(s is not None and s.selects_per_layer for s in states),
         )
 

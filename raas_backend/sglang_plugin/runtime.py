@@ -29,6 +29,22 @@ ENV_DEFAULTS = {
     "RAAS_DEFAULT_RECENT_TOKENS": ("recent_tokens", int),
     "RAAS_PAGE_SIZE": ("page_size", int),
 }
+# The largest budget a request may ask for (the CUDA path sizes its static score buffers
+# by it); the gateway's own cap should not exceed it.
+MAX_BUDGET_ENV = "RAAS_MAX_BUDGET_TOKENS"
+DEFAULT_MAX_BUDGET_TOKENS = 8192
+
+
+def max_budget_tokens(environ: dict[str, str] | None = None) -> int:
+    environ = os.environ if environ is None else environ
+    raw = environ.get(MAX_BUDGET_ENV, str(DEFAULT_MAX_BUDGET_TOKENS))
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise PolicyConfigError("budget_tokens", f"{MAX_BUDGET_ENV}={raw!r} is not an int") from exc
+    if value < 1:
+        raise PolicyConfigError("budget_tokens", f"{MAX_BUDGET_ENV} must be >= 1, got {value}")
+    return value
 
 
 def defaults_from_env(environ: dict[str, str] | None = None) -> KVPolicyConfig:
@@ -53,7 +69,15 @@ def parse_custom_params(custom_params: Any, defaults: KVPolicyConfig) -> KVPolic
         raise PolicyConfigError(
             "", f"custom_params must be an object, got {type(custom_params).__name__}"
         )
-    return KVPolicyConfig.from_dict(custom_params.get(CUSTOM_PARAMS_KEY), defaults)
+    config = KVPolicyConfig.from_dict(custom_params.get(CUSTOM_PARAMS_KEY), defaults)
+    limit = max_budget_tokens()
+    if config.name != "dense" and config.budget_tokens > limit:
+        raise PolicyConfigError(
+            "budget_tokens",
+            f"expected at most {limit} (this server's {MAX_BUDGET_ENV}), "
+            f"got {config.budget_tokens}",
+        )
+    return config
 
 
 @dataclass
@@ -72,6 +96,25 @@ class RaasRuntime:
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: State of retracted requests, by rid, until their re-prefill decodes again.
     suspended: dict[str, RequestKV] = field(default_factory=dict)
+    #: The current decode batch as the scheduler hook saw it on the host: rows and
+    #: states in batch order (the CUDA backend builds its lists from it, no device read).
+    decode_rows: list[int] = field(default_factory=list)
+    decode_states: list[RequestKV] = field(default_factory=list)
+    #: The last decode forward's page scores, folded in at the next step's bookkeeping.
+    pending_scores: Any = None
+
+    def set_step_batch(self, rows: list[int], states: list[RequestKV]) -> None:
+        self.decode_rows, self.decode_states = rows, states
+
+    def step_batch(self) -> tuple[list[int], list[RequestKV]]:
+        return self.decode_rows, self.decode_states
+
+    def fold_pending_scores(self) -> None:
+        """Hand the last forward's scores to the requests still in their rows."""
+        pending, self.pending_scores = self.pending_scores, None
+        if pending is not None:
+            live = {id(t.kv) for t in self.requests.values()}
+            pending.fold(lambda state: id(state) in live)
 
     def effective_config(self, custom_params: Any, rid: str | None = None) -> KVPolicyConfig:
         """The request's policy; the defaults if its kv_policy is invalid (requests are

@@ -32,10 +32,15 @@ def before_decode_alloc(batch: Any, *args: Any, **kwargs: Any) -> None:
     runtime = current_runtime()
     if runtime is None or not batch.forward_mode.is_decode():
         return None
+    # The last forward's page scores (the CUDA path defers them to here: one read).
+    runtime.fold_pending_scores()
     rtt = batch.req_to_token_pool.req_to_token
     allocator = batch.token_to_kv_pool_allocator
     kv_lens = batch.seq_lens_cpu.tolist()
-    freed_slots: list[torch.Tensor] = []
+    rows: list[int] = []
+    states = []
+    victim_rows: list[int] = []
+    victim_positions: list[int] = []
     for req, kv_len in zip(batch.reqs, kv_lens, strict=True):
         row = req.kv.req_pool_idx
         state = runtime.track(row, req.rid, req.sampling_params.custom_params, kv_len)
@@ -45,15 +50,20 @@ def before_decode_alloc(batch: Any, *args: Any, **kwargs: Any) -> None:
                 f"raas: request {req.rid} expected kv length {state.table.seq_len - 1}, "
                 f"engine has {kv_len}"
             )
-        if positions:
-            pos = torch.tensor(positions, dtype=torch.int64, device=rtt.device)
-            slots = rtt[row, pos]
-            if bool((slots == PADDING_SLOT).any()):
-                raise RuntimeError(f"raas: request {req.rid} evicts a position already freed")
-            freed_slots.append(slots.to(torch.int64))
-            rtt[row, pos] = PADDING_SLOT
-    if freed_slots:
-        slots = torch.cat(freed_slots)
+        rows.append(row)
+        states.append(state)
+        victim_rows.extend([row] * len(positions))
+        victim_positions.extend(positions)
+    runtime.set_step_batch(rows, states)
+    if victim_positions:
+        row_t = torch.tensor(victim_rows, dtype=torch.int64, device=rtt.device)
+        pos_t = torch.tensor(victim_positions, dtype=torch.int64, device=rtt.device)
+        slots = rtt[row_t, pos_t].to(torch.int64)
+        # One check for the whole step (one host read on a GPU, not one per request).
+        if bool((slots == PADDING_SLOT).any()):
+            bad = sorted({r for r, s in zip(victim_rows, slots.tolist(), strict=True) if s == 0})
+            raise RuntimeError(f"raas: rows {bad} evict a position already freed")
+        rtt[row_t, pos_t] = PADDING_SLOT
         allocator.free(slots)
         runtime.evicted_slots_total += slots.numel()
     return None
