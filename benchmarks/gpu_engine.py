@@ -105,7 +105,7 @@ def sglang(
         "--dtype", args.dtype,
     ]  # fmt: skip
     if args.device != "cuda":
-        cmd += ["--device", args.device]
+        cmd += ["--device", args.device, "--disable-cuda-graph"]
     if args.load_format:
         cmd += ["--load-format", args.load_format]
     if args.cuda_graph_max_bs and args.device == "cuda":

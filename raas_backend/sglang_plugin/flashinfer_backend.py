@@ -142,7 +142,13 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
         in_capture: bool = False,
     ) -> None:
         bs = fb.batch_size
-        seq_lens = fb.seq_lens_cpu[:bs].tolist()
+        if fb.seq_lens_cpu is not None:
+            seq_lens = fb.seq_lens_cpu[:bs].tolist()
+        elif in_capture:
+            seq_lens = [self.get_cuda_graph_seq_len_fill_value()] * bs
+        else:
+            # SGLang passes host lengths on every decode path raas allows; never guess.
+            raise RuntimeError("raas: a decode batch without host sequence lengths")
         if in_capture:
             # Dummy rows: no request is tracked; attend them densely.
             rows, states = [0] * bs, [None] * bs
