@@ -105,5 +105,6 @@ app = Starlette(
         Route("/v1/models", models),
         Route("/health", healthy),
         Route("/health_generate", healthy),
+        Route("/model_info", healthy),
     ]
 )

@@ -113,7 +113,8 @@ class ChatService:
         if not self._monitor.ready:
             self._outcome(call, "engine_unavailable")
             raise errors.engine_unavailable(
-                f"The inference engine is {self._monitor.state.value}; retry later"
+                f"The inference engine is {self._monitor.state.value}; retry later",
+                self._settings.engine_retry_after_s,
             )
 
         call.ticket = await self._admit(request, call)
@@ -148,7 +149,9 @@ class ChatService:
         except EngineUnavailable as exc:
             self._outcome(call, "engine_unavailable")
             logger.warning("chat.engine_unavailable", error=str(exc))
-            raise errors.engine_unavailable() from exc
+            raise errors.engine_unavailable(
+                retry_after_s=self._settings.engine_retry_after_s
+            ) from exc
         except EngineHTTPError as exc:
             self._outcome(call, "engine_error")
             logger.info("chat.engine_rejected", status=exc.status_code)

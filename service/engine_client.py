@@ -11,6 +11,7 @@ relay map them to OpenAI errors (503, 504) in one place.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from enum import StrEnum
 from typing import Any
@@ -29,6 +30,11 @@ from service.engine_http import (
 log = structlog.get_logger(__name__)
 
 CHAT_PATH = "/v1/chat/completions"
+# SGLang's /health (and /health_generate) sends a one-token generation through the
+# scheduler: it answers only once the scheduler has produced some output, so it queues
+# behind a long prefill. /model_info is answered by the HTTP front end alone.
+GENERATE_PROBE_PATH = "/health_generate"
+FRONT_END_PROBE_PATH = "/model_info"
 ABORT_TIMEOUT_S = 5.0
 # After `[DONE]` the engine ends the body at once; a keep-alive connection is worth a
 # short wait for that, not more.
@@ -43,8 +49,38 @@ KEEPALIVE_S = 4.0
 
 class Health(StrEnum):
     OK = "ok"
+    # The scheduler did not answer, but requests in flight have shown progress lately.
+    BUSY = "busy"
     SLOW = "slow"  # accepted the connection, no answer within the probe's timeout
     DOWN = "down"  # refused, reset, or answered with an error status
+
+
+class EngineActivity:
+    """What the gateway has in flight at the engine, and when the engine last showed
+    progress on it (a response head, body bytes, a generation probe answered).
+
+    The supervisor reads it to tell a busy engine (a long prefill answers nothing for
+    minutes) from a hung one: silence only counts while work is in flight, and its clock
+    starts when the work does, not at the last progress of an earlier, idle period.
+    """
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.last_progress = time.monotonic()
+
+    def begin(self) -> None:
+        if self.in_flight == 0:
+            self.last_progress = time.monotonic()
+        self.in_flight += 1
+
+    def end(self) -> None:
+        self.in_flight -= 1
+
+    def progress(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def silent_for(self) -> float:
+        return time.monotonic() - self.last_progress
 
 
 class EngineUnavailable(Exception):
@@ -82,9 +118,16 @@ TRANSPORT_ERRORS = (HttpTransportError, TimeoutError, OSError)
 class EngineStream:
     """An open streaming response. Iterate `line_batches()`; always `aclose()`."""
 
-    def __init__(self, response: Response, read_timeout_s: float) -> None:
+    def __init__(self, response: Response, read_timeout_s: float, activity: EngineActivity) -> None:
         self._response = response
         self._read_timeout_s = read_timeout_s
+        self._activity = activity
+        self._ended = False
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._activity.end()
 
     async def line_batches(self) -> AsyncIterator[list[bytes]]:
         """The body's complete lines, without their line ends, in one list per network
@@ -98,6 +141,7 @@ class EngineStream:
         pending = b""
         try:
             async for data in self._response.iter_data(self._read_timeout_s):
+                self._activity.progress()
                 pending += data
                 if b"\n" not in data:
                     continue
@@ -124,10 +168,12 @@ class EngineStream:
             # Even when cancelled mid-drain: a response not read to its end closes its
             # connection, and the pool's slot comes back either way.
             self._response.release()
+            self._end()
 
     def close(self) -> None:
         """Drop the connection now (a stream nobody will read: no drain, no reuse)."""
         self._response.close()
+        self._end()
 
 
 class EngineClient:
@@ -150,6 +196,7 @@ class EngineClient:
         self._metrics_timeout_s = metrics_timeout_s
         self._write_timeout_s = write_timeout_s
         self._pool = Pool(self.base_url, limit=max_connections, keepalive_s=KEEPALIVE_S)
+        self.activity = EngineActivity()
 
     async def aclose(self) -> None:
         self._pool.close()
@@ -168,14 +215,18 @@ class EngineClient:
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """Non-streaming chat completion; returns SGLang's JSON response."""
+        self.activity.begin()
         try:
             resp = await self._post(CHAT_PATH, body)
+            self.activity.progress()
             try:
                 raw = await resp.read(self.read_timeout_s)
             finally:
                 resp.release()
         except TRANSPORT_ERRORS as exc:
             raise _translate(exc) from exc
+        finally:
+            self.activity.end()
         status = resp.status
         if status != 200:
             raise EngineHTTPError(status, _json_or_text(raw, status))
@@ -192,11 +243,17 @@ class EngineClient:
 
         The caller owns the returned stream and must `aclose()` it.
         """
+        self.activity.begin()
         try:
             resp = await self._post(CHAT_PATH, body)
-        except TRANSPORT_ERRORS as exc:
-            raise _translate(exc) from exc
+        except BaseException as exc:
+            self.activity.end()
+            if isinstance(exc, TRANSPORT_ERRORS):
+                raise _translate(exc) from exc
+            raise
+        self.activity.progress()
         if resp.status != 200:
+            self.activity.end()
             try:
                 payload = _json_or_text(await resp.read(self.read_timeout_s), resp.status)
             except TRANSPORT_ERRORS:
@@ -204,7 +261,7 @@ class EngineClient:
             finally:
                 resp.release()
             raise EngineHTTPError(resp.status, payload)
-        return EngineStream(resp, self.read_timeout_s)
+        return EngineStream(resp, self.read_timeout_s, self.activity)
 
     async def _get_or_post(
         self, method: str, path: str, body: dict[str, Any] | None, total_s: float
@@ -232,9 +289,10 @@ class EngineClient:
             return False
         return status == 200
 
-    async def probe(self, timeout_s: float) -> Health:
-        """SGLang's /health runs a one-token generation and takes a second or more; a
-        busy engine may answer late, which is not the same as a dead one."""
+    async def probe(self, timeout_s: float, path: str = GENERATE_PROBE_PATH) -> Health:
+        """One health probe. The generation probe takes a second or more and a busy
+        engine may answer it late, which is not the same as a dead one; the front-end
+        probe answers at once unless SGLang's HTTP process is gone or wedged."""
         # Only a socket that will not connect means down. Waiting for a pooled
         # connection (every one busy with a stream) or for the answer means slow.
         try:
@@ -242,7 +300,7 @@ class EngineClient:
             async with asyncio.timeout(2 * timeout_s):
                 resp = await self._pool.request(
                     "GET",
-                    "/health",
+                    path,
                     connect_timeout_s=timeout_s,
                     head_timeout_s=timeout_s,
                 )
@@ -256,7 +314,11 @@ class EngineClient:
             return Health.SLOW
         except TRANSPORT_ERRORS:
             return Health.DOWN
-        return Health.OK if resp.status == 200 else Health.DOWN
+        if resp.status != 200:
+            return Health.DOWN
+        if path == GENERATE_PROBE_PATH:
+            self.activity.progress()  # the scheduler produced output just now
+        return Health.OK
 
     async def metrics_text(self) -> str | None:
         """SGLang's Prometheus exposition (needs --enable-metrics); None when unreachable."""

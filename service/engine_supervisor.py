@@ -1,10 +1,19 @@
 """Keeping track of the engine: supervise our own SGLang child, or watch a remote one.
 
-Embedded mode starts `sglang.launch_server` in its own process group, waits for
-`/health`, restarts it with exponential backoff whenever it dies or stops answering, and
-on shutdown kills the whole group so no scheduler or detokenizer process is orphaned.
-Remote mode only probes `/health`. Either way `ready` is what readiness reports and what
-makes the chat route answer 503 early.
+Embedded mode starts `sglang.launch_server` in its own process group, waits for it to
+answer a generation, restarts it with exponential backoff whenever it dies or stops
+answering, and on shutdown stops it the way SGLang stops cleanly (SIGTERM to the
+launcher), then kills whatever is left of its group so nothing is orphaned. Remote mode
+only probes. Either way `ready` is what readiness reports and what makes the chat route
+answer 503 early.
+
+Liveness must tell a busy engine from a dead one. The generation probe cannot: it queues
+behind a long prefill (minutes on a CPU, a 100K-token prompt on a GPU). So each round
+(`probe_round`) asks the HTTP front end first (`/model_info`, answered without the
+scheduler), then the scheduler (a one-token generation); a scheduler that does not answer
+while requests are in flight and have shown progress within `engine_stall_timeout_s`
+counts as busy, not failed. Dead processes are seen without any probe: the launcher's exit,
+and the death of any SGLang worker process (service/engine_processes.py).
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ from typing import IO, Protocol
 
 import structlog
 
-from service.engine_client import EngineClient, Health
+from service.engine_client import FRONT_END_PROBE_PATH, EngineClient, Health
 from service.engine_command import EngineOptions, build_engine_command
+from service.engine_processes import Worker, dead, engine_workers
 from service.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -51,6 +61,23 @@ class EngineMonitor(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+async def probe_round(settings: Settings, client: EngineClient) -> Health:
+    """One liveness verdict: OK, BUSY (working, not answering), SLOW or DOWN."""
+    timeout = settings.engine_health_timeout_s
+    front = await client.probe(timeout, FRONT_END_PROBE_PATH)
+    if front is not Health.OK:
+        return front
+    health = await client.probe(timeout)
+    activity = client.activity
+    if (
+        health is not Health.OK
+        and activity.in_flight > 0
+        and activity.silent_for() < settings.engine_stall_timeout_s
+    ):
+        return Health.BUSY
+    return health
 
 
 def _die_with_parent() -> None:
@@ -91,9 +118,9 @@ class RemoteEngine:
         s = self._settings
         slow = 0
         while True:
-            health = await self._client.probe(s.engine_health_timeout_s)
+            health = await probe_round(s, self._client)
             slow = slow + 1 if health is Health.SLOW else 0
-            if health is Health.OK:
+            if health in (Health.OK, Health.BUSY):
                 new_state = EngineState.READY
             elif health is Health.DOWN or slow >= s.engine_unhealthy_threshold:
                 new_state = EngineState.UNHEALTHY
@@ -118,6 +145,7 @@ class EmbeddedEngine:
         self._log_fh: IO[bytes] | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
+        self._workers: list[Worker] = []
         # Told the model directory once it is known (the bundled one is resolved lazily).
         self.on_model_path: Callable[[Path], None] | None = None
 
@@ -138,7 +166,7 @@ class EmbeddedEngine:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._kill_group()
+        await self._kill_group(graceful=True)
         if self._log_fh is not None:
             self._log_fh.close()
             self._log_fh = None
@@ -169,7 +197,13 @@ class EmbeddedEngine:
                 became_ready = await self._wait_healthy()
                 if became_ready:
                     self.state = EngineState.READY
-                    log.info("engine.ready", pid=self.pid, restarts=self.restarts)
+                    self._workers = engine_workers(self._proc.pid) if self._proc else []
+                    log.info(
+                        "engine.ready",
+                        pid=self.pid,
+                        restarts=self.restarts,
+                        workers=[f"{w.name}:{w.pid}" for w in self._workers],
+                    )
                     await self._watch()
             except Exception:
                 log.exception("engine.supervisor_error")
@@ -227,27 +261,42 @@ class EmbeddedEngine:
         return False
 
     async def _watch(self) -> None:
-        """Return when the engine process exits or stops answering its health probe."""
+    def _dead_process(self) -> bool:
+        if self._proc is None or self._proc.poll() is not None:
+            code = self._proc.returncode if self._proc else None
+            log.error("engine.exited", returncode=code)
+            return True
+        if gone := dead(self._workers):
+            log.error("engine.worker_died", workers=[f"{w.name}:{w.pid}" for w in gone])
+            return True
+        return False
+
+        """Return when an engine process dies or the engine stops answering (and is not
+        merely busy)."""
         s = self._settings
         probe: asyncio.Task[Health] | None = None
         failures = 0
         next_probe = time.monotonic() + s.engine_health_interval_s
         try:
             while not self._stopping.is_set():
-                if self._proc is None or self._proc.poll() is not None:
-                    code = self._proc.returncode if self._proc else None
+                if self._dead_process():
                     self.state = EngineState.RESTARTING
-                    log.error("engine.exited", returncode=code)
                     return
-                # The probe runs beside the liveness check: a slow /health must not delay
+                # The probe runs beside the process check: a slow probe must not delay
                 # noticing a dead process, which is what turns into 503s.
                 if probe is None and time.monotonic() >= next_probe:
-                    probe = asyncio.create_task(self._client.probe(s.engine_health_timeout_s))
+                    probe = asyncio.create_task(probe_round(s, self._client))
                 if probe is not None and probe.done():
                     health = probe.result()
                     probe = None
                     next_probe = time.monotonic() + s.engine_health_interval_s
-                    if health is Health.OK:
+                    if health is Health.BUSY:
+                        log.info(
+                            "engine.busy",
+                            in_flight=self._client.activity.in_flight,
+                            silent_s=round(self._client.activity.silent_for(), 1),
+                        )
+                    if health in (Health.OK, Health.BUSY):
                         failures = 0
                         self.state = EngineState.READY
                     else:
@@ -262,23 +311,31 @@ class EmbeddedEngine:
             if probe is not None:
                 probe.cancel()
 
-    async def _kill_group(self) -> None:
+    async def _kill_group(self, *, graceful: bool = False) -> None:
+        """End the engine. `graceful` (a normal stop): SIGTERM to the launcher alone, which
+        SGLang handles by telling its scheduler to shut down and release its memory, then
+        exiting; signalling the whole group instead kills the scheduler mid-step, which it
+        reports to the launcher as a crash (SIGQUIT). A dead or hung engine is killed at
+        once: its requests are failing meanwhile. Either way the group is killed last, so
+        nothing it started outlives it."""
         proc = self._proc
         if proc is None:
             return
         self._proc = None
         pgid = proc.pid  # start_new_session made the child its group's leader
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGTERM)
-        deadline = time.monotonic() + self._settings.engine_stop_grace_s
-        while proc.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        self._workers = []
+        if graceful:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + self._settings.engine_stop_grace_s
+            while proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
         # The leader may be gone while its scheduler children linger: kill the group anyway.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
         if proc.poll() is None:
             await asyncio.to_thread(proc.wait, 10)
-        log.info("engine.stopped", pid=proc.pid, returncode=proc.returncode)
+        log.info("engine.stopped", pid=proc.pid, returncode=proc.returncode, graceful=graceful)
 
 
 def make_engine_monitor(settings: Settings, client: EngineClient) -> EngineMonitor:

@@ -26,4 +26,7 @@ async def ready(monitor: EngineMonitorDep, settings: SettingsDep, drain: DrainDe
         engine_state=monitor.state.value,
         engine_restarts=monitor.restarts,
     )
-    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+    if ready:
+        return JSONResponse(body.model_dump())
+    retry_s = settings.retry_after_s if drain.active else settings.engine_retry_after_s
+    return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": str(retry_s)})
