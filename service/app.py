@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import structlog
 from fastapi import APIRouter, FastAPI
@@ -117,6 +118,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = gateway_metrics
     app.state.drain = drain
     install_error_handlers(app)
+    build_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            chat.document_limits(build_openapi(), settings)
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
     for module in (chat, models, health, metrics):
         app.include_router(module.router)
     # Added first, so it sits inside the metrics middleware (each add wraps the last).

@@ -1,6 +1,7 @@
 """What the chat route reads from the HTTP request before anything else: the caller's API
 key (401 when auth is on and it is missing or unknown) and the body (413 past the size
-limit, 422 when it is not a chat request).
+limit, 415 unless it is declared `application/json`, 422 when it is not a chat request,
+400 for a field the API does not have).
 """
 
 from __future__ import annotations
@@ -29,8 +30,20 @@ def caller_key(keys: KeyStore, authorization: str | None) -> ApiKey | None:
     return key
 
 
+def is_json(content_type: str | None) -> bool:
+    """`application/json`, with no charset or UTF-8 (RFC 8259: JSON is UTF-8)."""
+    if content_type is None:
+        return False
+    media_type, *params = (part.strip().lower() for part in content_type.split(";"))
+    if media_type != "application/json":
+        return False
+    charsets = [p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")]
+    return all(charset in ("utf-8", "utf8") for charset in charsets)
+
+
 async def read_chat_body(request: Request, limit: int) -> ChatCompletionRequest:
-    """Read at most `limit` bytes, then parse; 413 past the limit, 422 if malformed."""
+    """Read at most `limit` bytes, then parse; 413 past the limit, 415 if not declared
+    JSON, 422 if malformed, 400 for an unknown field."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise errors.too_large(limit)
@@ -45,6 +58,9 @@ async def read_chat_body(request: Request, limit: int) -> ChatCompletionRequest:
     except ClientDisconnect:
         # Hung up mid-upload: the caller's doing, not a server error.
         raise errors.client_closed() from None
+    # Checked once the body is in: the size limit answers first, whatever the type.
+    if not is_json(request.headers.get("content-type")):
+        raise errors.unsupported_media_type()
     raw = b"".join(chunks)
     try:
         data = json_codec.loads_request(raw)
@@ -57,4 +73,10 @@ async def read_chat_body(request: Request, limit: int) -> ChatCompletionRequest:
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
-        raise errors.validation_error_to_openai(exc.errors()) from exc
+        problems = exc.errors(include_url=False, include_input=False)
+        unknown = [
+            e["loc"][0] for e in problems if e["type"] == "extra_forbidden" and len(e["loc"]) == 1
+        ]
+        if unknown:
+            raise errors.unknown_parameter(str(unknown[0])) from None
+        raise errors.validation_error_to_openai(problems) from None

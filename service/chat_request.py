@@ -1,8 +1,8 @@
 """From a client's chat request to the body SGLang receives.
 
-Value checks answer 400 naming the parameter (404 for an unknown model). Fields outside
-OpenAI's schema pass only if SGLang supports them and they cannot bypass the gateway:
-`rid` and `custom_params` are the gateway's to set, so a client may not send them.
+Value checks answer 400 naming the parameter (404 for an unknown model). Which fields
+exist at all is the schema's business (service/schemas.py): it takes OpenAI's fields and
+the SGLang extensions that cannot bypass the gateway, never `rid` or `custom_params`.
 """
 
 from __future__ import annotations
@@ -10,33 +10,17 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from service.errors import OpenAIError, invalid_field, model_not_found
+from service.errors import invalid_field, model_not_found
 from service.kv_policy import EffectivePolicy
 from service.schemas import ChatCompletionRequest
 from service.settings import Settings
 
-# SGLang sampling extensions that are safe to expose.
-SGLANG_EXTRAS = frozenset(
-    {
-        "top_k",
-        "min_p",
-        "min_tokens",
-        "repetition_penalty",
-        "stop_token_ids",
-        "ignore_eos",
-        "no_stop_trim",
-        "skip_special_tokens",
-        "separate_reasoning",
-        "stream_reasoning",
-        "chat_template_kwargs",
-    }
-)
 # OpenAI fields that mean nothing to a self-hosted engine; accepted and dropped.
 IGNORED_OPENAI_FIELDS = frozenset(
     {"store", "metadata", "service_tier", "prompt_cache_key", "safety_identifier"}
 )
-RESERVED_FIELDS = frozenset({"rid", "custom_params"})
 MAX_TOP_LOGPROBS = 20
+_NOT_FORWARDED = IGNORED_OPENAI_FIELDS | {"kv_policy"}
 
 
 def check_values(req: ChatCompletionRequest, settings: Settings) -> None:
@@ -57,6 +41,14 @@ def check_values(req: ChatCompletionRequest, settings: Settings) -> None:
     _check_range("top_p", req.top_p, 0.0, 1.0, low_open=True)
     _check_range("presence_penalty", req.presence_penalty, -2.0, 2.0)
     _check_range("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
+    _check_range("min_p", req.min_p, 0.0, 1.0)
+    _check_range("repetition_penalty", req.repetition_penalty, 0.0, 2.0, low_open=True)
+    if req.min_tokens is not None and req.min_tokens < 0:
+        raise invalid_field("min_tokens", f"expected min_tokens >= 0, got {req.min_tokens}")
+    if req.top_k is not None and req.top_k != -1 and req.top_k < 1:
+        raise invalid_field("top_k", f"expected top_k -1 (off) or >= 1, got {req.top_k}")
+    if any(token < 0 for token in req.stop_token_ids or ()):
+        raise invalid_field("stop_token_ids", "expected token ids >= 0")
     if req.top_logprobs is not None:
         if not (0 <= req.top_logprobs <= MAX_TOP_LOGPROBS):
             raise invalid_field(
@@ -68,16 +60,6 @@ def check_values(req: ChatCompletionRequest, settings: Settings) -> None:
     if req.stream_options is not None and not req.stream:
         raise invalid_field("stream_options", "stream_options is only allowed with stream=true")
     _check_logit_bias(req.logit_bias)
-    for name in req.model_extra or {}:
-        if name in RESERVED_FIELDS:
-            raise invalid_field(name, f"{name!r} is set by the gateway and may not be sent")
-        if name not in SGLANG_EXTRAS and name not in IGNORED_OPENAI_FIELDS:
-            raise OpenAIError(
-                400,
-                f"Unrecognized request argument supplied: {name}",
-                param=name,
-                code="unknown_parameter",
-            )
 
 
 def _check_range(
@@ -111,9 +93,7 @@ def _check_logit_bias(bias: dict[str, float] | None) -> None:
 def upstream_body(
     req: ChatCompletionRequest, policy: EffectivePolicy, rid: str, settings: Settings
 ) -> dict[str, Any]:
-    body = req.model_dump(exclude_none=True, exclude={"kv_policy"})
-    for name in IGNORED_OPENAI_FIELDS:
-        body.pop(name, None)
+    body = req.model_dump(exclude_none=True, by_alias=True, exclude=_NOT_FORWARDED)
     if (
         req.max_tokens is None
         and req.max_completion_tokens is None

@@ -63,6 +63,29 @@ def invalid_field(param: str, message: str, code: str = "invalid_value") -> Open
     return OpenAIError(400, message, param=param, code=code)
 
 
+# The gateway's to set: a client may not send them.
+RESERVED_FIELDS = frozenset({"rid", "custom_params"})
+
+
+def unknown_parameter(name: str) -> OpenAIError:
+    if name in RESERVED_FIELDS:
+        return invalid_field(name, f"{name!r} is set by the gateway and may not be sent")
+    return OpenAIError(
+        400,
+        f"Unrecognized request argument supplied: {name}",
+        param=name,
+        code="unknown_parameter",
+    )
+
+
+def unsupported_media_type() -> OpenAIError:
+    return OpenAIError(
+        415,
+        "Expected Content-Type: application/json (UTF-8)",
+        code="unsupported_media_type",
+    )
+
+
 def unprocessable(message: str, param: str | None = None, code: str = "invalid_schema"):
     return OpenAIError(422, message, param=param, code=code)
 
@@ -103,22 +126,8 @@ def overloaded(message: str, code: str, retry_after_s: int) -> OpenAIError:
     )
 
 
-# An engine restart takes tens of seconds; clients (the openai SDK among them) wait this
-# long before retrying, rather than spending their retries at once.
-ENGINE_RETRY_AFTER_S = 5
-
-
-def engine_unavailable(
-    message: str = "The inference engine is not available",
-    retry_after_s: int = ENGINE_RETRY_AFTER_S,
-) -> OpenAIError:
-    return OpenAIError(
-        503,
-        message,
-        type="server_error",
-        code="engine_unavailable",
-        headers={"Retry-After": str(retry_after_s)},
-    )
+def engine_unavailable(message: str = "The inference engine is not available") -> OpenAIError:
+    return OpenAIError(503, message, type="server_error", code="engine_unavailable")
 
 
 def draining(retry_after_s: int) -> OpenAIError:
@@ -243,15 +252,51 @@ def _param_from_message(message: str) -> str | None:
     return match.group(1) if match else None
 
 
+# Where a discriminated union puts its tag in an error's location: after the message's
+# index (`messages.0.user.content`) and after `response_format`. The tag is not a field.
+_TAG_AFTER_INDEX_OF = frozenset({"messages"})
+_TAG_AFTER = frozenset({"response_format"})
+
+
 def _loc_to_param(loc: Sequence[Any]) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
+    """The field path a client wrote, without pydantic's union branches and tags."""
+    parts: list[str] = []
+    previous: list[Any] = []
+    for part in loc:
+        skip = (
+            part == "body"
+            or (bool(previous) and previous[-1] in _TAG_AFTER)
+            or (
+                len(previous) >= 2
+                and isinstance(previous[-1], int)
+                and previous[-2] in _TAG_AFTER_INDEX_OF
+            )
+            # Union branches: `str`, `list[TextPart]`, `literal['none', ...]`, `ToolCall`.
+            or (isinstance(part, str) and (part in _BRANCHES or "[" in part or part[:1].isupper()))
+        )
+        previous.append(part)
+        if not skip:
+            parts.append(str(part))
     return ".".join(parts) or None
 
 
+_BRANCHES = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _most_telling(errors: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
+    # A union reports every branch; "should be a valid string" about a list is noise
+    # when another branch says what is wrong inside it.
+    for error in errors:
+        if not str(error.get("type", "")).endswith("_type"):
+            return error
+    return errors[0]
+
+
 def validation_error_to_openai(errors: Sequence[Mapping[str, Any]]) -> OpenAIError:
+    """A schema error as a 422 naming the field; pydantic's own words, never its dump."""
     if not errors:
         return unprocessable("Invalid request body")
-    first = errors[0]
+    first = _most_telling(errors)
     param = _loc_to_param(first.get("loc", ()))
     where = f" at {param!r}" if param else ""
     return unprocessable(f"{first.get('msg', 'invalid value')}{where}", param=param)

@@ -68,9 +68,7 @@ class FakeEngine:
         self.app = FastAPI()
         self.app.post("/v1/chat/completions")(self.chat)
         self.app.post("/abort_request")(self.abort)
-        # The supervisor's two probes: SGLang's HTTP front end, then its scheduler.
-        self.app.get("/model_info")(lambda: JSONResponse({"model_path": MODEL}))
-        self.app.get("/health_generate")(lambda: PlainTextResponse("ok"))
+        self.app.get("/health")(lambda: PlainTextResponse("ok"))
         self.app.get("/metrics")(lambda: PlainTextResponse(ENGINE_METRICS))
 
     def gate(self, name: str) -> threading.Event:
@@ -816,7 +814,7 @@ def test_openapi_references_all_resolve(gw):
     assert "include_usage" in json.dumps(options["stream_options"])
     # Every error status the route can answer is documented, in OpenAI's error shape.
     documented = operation["responses"]
-    assert set(documented) == {"200", "400", "401", "404", "413", "422", "429", "503", "504"}
+    assert set(documented) == {"200", "400", "401", "404", "413", "415", "422", "429", "503", "504"}
     error_schema = documented["429"]["content"]["application/json"]["schema"]["$ref"]
     assert set(doc["components"]["schemas"][error_schema.rsplit("/", 1)[1]]["properties"]) == {
         "error"

@@ -336,3 +336,118 @@ def test_a_bad_logit_bias_is_400_naming_the_field(gw, bias):
     assert resp.status_code == 400
     err = error_of(resp)
     assert err["param"] == "logit_bias" and "int()" not in err["message"]
+
+
+# --- validation is as strict as the schema says, and the schema says all of it -----------
+
+TOOL_CALL = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+# (body fields, the field a 422 names)
+SHAPE_ERRORS = [
+    ({"max_tokens": "10"}, "max_tokens"),
+    ({"max_tokens": True}, "max_tokens"),
+    ({"n": 1.5}, "n"),
+    ({"temperature": "0.5"}, "temperature"),
+    ({"stream": "yes"}, "stream"),
+    ({"stop": 5}, "stop"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ({"messages": [{"role": "user"}]}, "messages.0.content"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0"),
+    (
+        {
+            "messages": [
+                {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+                {"role": "tool", "content": "42"},
+            ]
+        },
+        "messages.1.tool_call_id",
+    ),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        "messages.0.content.0.type",
+    ),
+    ({"tools": [{"type": "function"}]}, "tools.0.function"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "tools.0.function.name"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage"),
+]
+
+
+@pytest.mark.parametrize(("fields", "param"), SHAPE_ERRORS)
+def test_a_wrong_shape_is_422_naming_the_field(gw, fields, param):
+    resp = httpx.post(f"{gw}{CHAT}", json=body(**fields), timeout=30)
+    assert resp.status_code == 422, resp.text
+    err = error_of(resp)
+    assert (err["code"], err["param"]) == ("invalid_schema", param), err
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [("frobnicate", "unknown_parameter"), ("rid", "invalid_value"), ("functions", None)],
+)
+def test_a_field_the_api_does_not_have_is_400(gw, name, code):
+    resp = httpx.post(f"{gw}{CHAT}", json=body(**{name: []}), timeout=30)
+    assert resp.status_code == 400
+    err = error_of(resp)
+    assert err["param"] == name and err["code"] == (code or "unknown_parameter")
+
+
+@pytest.mark.parametrize(
+    ("content_type", "status"),
+    [
+        (None, 415),
+        ("text/plain", 415),
+        ("application/x-www-form-urlencoded", 415),
+        ("application/json; charset=latin-1", 415),
+        ("application/json; charset=UTF-8", 200),
+        ("Application/JSON", 200),
+    ],
+)
+def test_only_a_json_body_is_read(gw, content_type, status):
+    headers = {} if content_type is None else {"content-type": content_type}
+    raw = json.dumps(body(max_tokens=1)).encode()
+    resp = httpx.post(f"{gw}{CHAT}", content=raw, headers=headers, timeout=30)
+    assert resp.status_code == status, resp.text
+    if status == 415:
+        assert error_of(resp)["code"] == "unsupported_media_type"
+
+
+def test_the_openapi_schema_accepts_exactly_what_the_gateway_accepts(stub):
+    """A body the published schema accepts passes validation, and one it refuses is
+    refused: fuzzers and typed clients see the real contract."""
+    from jsonschema import Draft202012Validator
+
+    settings = Settings(
+        engine_mode="remote", engine_url=stub, max_tokens_limit=64, max_n=2, kv_bytes_per_token=1
+    )
+    with serve_app(create_app(settings)) as url:
+        wait_ready(url, timeout_s=10)
+        doc = httpx.get(f"{url}/openapi.json").json()
+        operation = doc["paths"][CHAT]["post"]
+        assert "415" in operation["responses"]
+        schema = operation["requestBody"]["content"]["application/json"]["schema"]
+        validator = Draft202012Validator(schema)
+        cases = [fields for fields, _ in SHAPE_ERRORS] + [
+            {},
+            {"max_tokens": 64},
+            {"max_tokens": 65},
+            {"max_tokens": 0},
+            {"n": 2},
+            {"n": 1.0},
+            {"n": 3},
+            {"temperature": 2},
+            {"temperature": 2.5},
+            {"top_p": 0},
+            {"top_logprobs": 21, "logprobs": True},
+            {"frobnicate": 1},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]},
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+            {"response_format": {"type": "json_object"}},
+            {"stop": ["a", "b"], "seed": None, "user": "u", "store": True},
+        ]
+        for fields in cases:
+            resp = httpx.post(f"{url}{CHAT}", json=body(**fields), timeout=30)
+            refused = resp.status_code in (400, 422)
+            if refused and error_of(resp)["param"] in ("tools", "seed"):
+                continue  # refused for what this server runs, not for the body's shape
+            assert validator.is_valid(body(**fields)) == (not refused), (fields, resp.text)

@@ -353,9 +353,11 @@ def chat(**fields) -> ChatCompletionRequest:
         ({"top_p": 0}, 400, "top_p"),
         ({"top_logprobs": 5}, 400, "top_logprobs"),
         ({"stream_options": {"include_usage": True}}, 400, "stream_options"),
-        ({"rid": "mine"}, 400, "rid"),
-        ({"custom_params": {"kv_policy": {}}}, 400, "custom_params"),
-        ({"frobnicate": 1}, 400, "frobnicate"),
+        ({"min_p": 1.5}, 400, "min_p"),
+        ({"repetition_penalty": 0}, 400, "repetition_penalty"),
+        ({"top_k": 0}, 400, "top_k"),
+        ({"min_tokens": -1}, 400, "min_tokens"),
+        ({"stop_token_ids": [-1]}, 400, "stop_token_ids"),
     ],
 )
 def test_value_checks(fields, status, param):

@@ -25,7 +25,8 @@ configure_logging("info", json_logs=True)
 app = create_app(Settings(engine_mode="remote", engine_url="http://127.0.0.1:9"))
 with TestClient(app) as client:
     assert client.get("/health/live?probe=1").status_code == 200
-    assert client.post("/v1/chat/completions", content=b"{").status_code == 422
+    headers = {"content-type": "application/json"}
+    assert client.post("/v1/chat/completions", content=b"{", headers=headers).status_code == 422
 logging.getLogger("uvicorn.error").info("from the standard library")
 structlog.get_logger("test").debug("below the level")
 try:

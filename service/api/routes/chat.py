@@ -8,6 +8,7 @@ from service.chat_input import caller_key, read_chat_body
 from service.chat_service import ChatService
 from service.errors import ErrorBody
 from service.schemas import ChatCompletionRequest
+from service.settings import Settings
 
 router = APIRouter(tags=["chat"])
 
@@ -28,7 +29,14 @@ def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
             if isinstance(ref, str) and ref.startswith("#/$defs/"):
                 rest = {k: v for k, v in node.items() if k != "$ref"}
                 return {**resolve(defs[ref.removeprefix("#/$defs/")]), **resolve(rest)}
-            return {key: resolve(value) for key, value in node.items()}
+            # A discriminator's mapping names `#/$defs/...` too, and the definitions are
+            # inlined: `propertyName` alone says how to pick the branch.
+            return {
+                key: {"propertyName": value["propertyName"]}
+                if key == "discriminator" and isinstance(value, dict) and "propertyName" in value
+                else resolve(value)
+                for key, value in node.items()
+            }
         if isinstance(node, list):
             return [resolve(item) for item in node]
         return node
@@ -57,6 +65,16 @@ _OPENAPI = {
 }
 
 
+def document_limits(doc: dict[str, Any], settings: Settings) -> None:
+    """Write this server's limits into its OpenAPI document, so that the schema bounds
+    what `chat_request.check_values` enforces (the static schema knows only the floor)."""
+    body = doc["paths"][CHAT_PATH]["post"]["requestBody"]["content"]["application/json"]
+    fields = body["schema"]["properties"]
+    for name in ("max_tokens", "max_completion_tokens"):
+        fields[name]["maximum"] = settings.max_tokens_limit
+    fields["n"]["maximum"] = settings.max_n
+
+
 # Every error is OpenAI's `{"error": {...}}` (service/errors.py).
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
@@ -65,6 +83,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (401, "Missing or unknown API key"),
         (404, "Unknown model"),
         (413, "Request body too large"),
+        (415, "Content-Type is not `application/json` (UTF-8)"),
         (422, "Body is not valid JSON or does not match the schema"),
         (429, "Admission queue full, queue timeout or per-key limit; see Retry-After"),
         (503, "Engine down, starting or restarting, or the gateway draining"),
