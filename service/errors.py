@@ -126,8 +126,22 @@ def overloaded(message: str, code: str, retry_after_s: int) -> OpenAIError:
     )
 
 
-def engine_unavailable(message: str = "The inference engine is not available") -> OpenAIError:
-    return OpenAIError(503, message, type="server_error", code="engine_unavailable")
+# An engine restart takes tens of seconds; clients (the openai SDK among them) wait this
+# long before retrying, rather than spending their retries at once.
+ENGINE_RETRY_AFTER_S = 5
+
+
+def engine_unavailable(
+    message: str = "The inference engine is not available",
+    retry_after_s: int = ENGINE_RETRY_AFTER_S,
+) -> OpenAIError:
+    return OpenAIError(
+        503,
+        message,
+        type="server_error",
+        code="engine_unavailable",
+        headers={"Retry-After": str(retry_after_s)},
+    )
 
 
 def draining(retry_after_s: int) -> OpenAIError:

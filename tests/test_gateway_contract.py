@@ -68,7 +68,9 @@ class FakeEngine:
         self.app = FastAPI()
         self.app.post("/v1/chat/completions")(self.chat)
         self.app.post("/abort_request")(self.abort)
-        self.app.get("/health")(lambda: PlainTextResponse("ok"))
+        # The supervisor's two probes: SGLang's HTTP front end, then its scheduler.
+        self.app.get("/model_info")(lambda: JSONResponse({"model_path": MODEL}))
+        self.app.get("/health_generate")(lambda: PlainTextResponse("ok"))
         self.app.get("/metrics")(lambda: PlainTextResponse(ENGINE_METRICS))
 
     def gate(self, name: str) -> threading.Event:
