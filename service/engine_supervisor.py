@@ -260,7 +260,6 @@ class EmbeddedEngine:
             log.error("engine.start_timeout", seconds=self._settings.engine_start_timeout_s)
         return False
 
-    async def _watch(self) -> None:
     def _dead_process(self) -> bool:
         if self._proc is None or self._proc.poll() is not None:
             code = self._proc.returncode if self._proc else None
@@ -271,6 +270,7 @@ class EmbeddedEngine:
             return True
         return False
 
+    async def _watch(self) -> None:
         """Return when an engine process dies or the engine stops answering (and is not
         merely busy)."""
         s = self._settings
@@ -322,8 +322,8 @@ class EmbeddedEngine:
         if proc is None:
             return
         self._proc = None
-        pgid = proc.pid  # start_new_session made the child its group's leader
         self._workers = []
+        pgid = proc.pid  # start_new_session made the child its group's leader
         if graceful:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 proc.send_signal(signal.SIGTERM)

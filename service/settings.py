@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     # Consecutive failed probe rounds before a live engine counts as unhealthy; embedded
     # mode then restarts it. A refused connection makes it unready at once.
     engine_unhealthy_threshold: int = Field(default=3, ge=1)
+    # A scheduler that does not answer the generation probe is busy, not hung, while
+    # requests are in flight and one of them showed progress within this long (a long
+    # prefill sends nothing until it ends). The same silence gets a request its 504.
+    engine_stall_timeout_s: float = Field(default=600.0, gt=0)
+    # Retry-After of a 503 while the engine is starting, restarting or unreachable.
+    engine_retry_after_s: int = Field(default=5, ge=1)
     engine_stop_grace_s: float = Field(default=15.0, gt=0)
     engine_metrics_timeout_s: float = Field(default=2.0, gt=0)
 
@@ -63,12 +69,6 @@ class Settings(BaseSettings):
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     # Longest silence from the engine: the whole answer for non-streaming requests, the gap
     # between two chunks for streaming ones. Past it the client gets a 504.
-    # A scheduler that does not answer the generation probe is busy, not hung, while
-    # requests are in flight and one of them showed progress within this long (a long
-    # prefill sends nothing until it ends). The same silence gets a request its 504.
-    engine_stall_timeout_s: float = Field(default=600.0, gt=0)
-    # Retry-After of a 503 while the engine is starting, restarting or unreachable.
-    engine_retry_after_s: int = Field(default=5, ge=1)
     upstream_timeout_s: float = Field(default=600.0, gt=0)
     upstream_max_connections: int = Field(default=1024, ge=1)
 
