@@ -108,6 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from service.app import create_app
     from service.graceful_drain import DrainingServer
+    from service.http_protocol import protocol_factory
     from service.log_config import configure_logging
     from service.settings import Settings
 
@@ -142,6 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
         app,
         host=settings.host,
         port=settings.port,
+        http=protocol_factory(settings.http_header_timeout_s, settings.http_body_timeout_s),
         log_config=None,
         # service.http_metrics writes the access line, as structured JSON and cheaper.
         access_log=False,

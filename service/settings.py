@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     # --- the gateway's own socket (used by `raas-serve serve`) ---
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
+    # A connection must deliver a complete request head this soon after connecting (or
+    # after its previous response), and then the whole body within the body timeout;
+    # else 408 and the connection is closed. Slow or half-open clients hold nothing.
+    http_header_timeout_s: float = Field(default=10.0, gt=0)
+    http_body_timeout_s: float = Field(default=30.0, gt=0)
 
     # --- the model ---
     model_name: str = Field(default="smollm2-135m-instruct", min_length=1)

@@ -24,12 +24,15 @@ def serve_app(
     *,
     startup_timeout_s: float = 30.0,
     make_server: Callable[[uvicorn.Config], uvicorn.Server] = uvicorn.Server,
+    http: Any = "auto",
 ) -> Iterator[str]:
+    """`http`: uvicorn's protocol, e.g. `service.http_protocol.protocol_factory(...)`."""
     port = free_port()
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
         port=port,
+        http=http,
         log_config=None,
         lifespan="on",
         timeout_graceful_shutdown=5,
