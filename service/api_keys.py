@@ -54,6 +54,8 @@ class ApiKey(BaseModel):
     default_policy: PolicyName | None = None
     default_alpha: float | None = None
     allowed_policies: tuple[PolicyName, ...] | None = None
+    # The output cap of this key's requests that set no max_tokens (the server's if None).
+    default_max_tokens: int | None = Field(default=None, ge=1)
 
     @field_validator("key_sha256")
     @classmethod
@@ -195,12 +197,25 @@ def check_budget_range(keys: Iterable[ApiKey], lo: int, hi: int) -> None:
                 )
 
 
+def check_max_tokens(keys: Iterable[ApiKey], limit: int) -> None:
+    """A key's default output cap above the server's max_tokens limit would turn each of
+    its requests that sets no max_tokens into an error."""
+    for key in keys:
+        if key.default_max_tokens is not None and key.default_max_tokens > limit:
+            raise ApiKeyError(
+                f"API key {key.label!r}: default_max_tokens={key.default_max_tokens} is "
+                f"above the server's max_tokens limit {limit} (RAAS_MAX_TOKENS_LIMIT)"
+            )
+
+
 def load_key_store(
     path: Path | None,
     env_keys: SecretStr | None,
     budget_range: tuple[int, int] | None = None,
+    max_tokens_limit: int | None = None,
 ) -> KeyStore:
-    """The keys from the file and the secret; with `budget_range`, checked against it."""
+    """The keys from the file and the secret; checked against `budget_range` and
+    `max_tokens_limit` when given."""
     keys: list[ApiKey] = []
     if path is not None:
         try:
@@ -215,4 +230,6 @@ def load_key_store(
         )
     if budget_range is not None:
         check_budget_range(keys, *budget_range)
+    if max_tokens_limit is not None:
+        check_max_tokens(keys, max_tokens_limit)
     return KeyStore(keys)

@@ -55,6 +55,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.api_keys_file,
         settings.api_keys,
         budget_range=(settings.kv_min_budget_tokens, settings.kv_max_budget_tokens),
+        max_tokens_limit=settings.max_tokens_limit,
     )
     model_dir = Path(settings.model_path) if settings.model_path else None
     gateway_metrics = GatewayMetrics(_bytes_per_token(settings, model_dir))

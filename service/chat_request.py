@@ -8,8 +8,10 @@ the SGLang extensions that cannot bypass the gateway, never `rid` or `custom_par
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
+from service.api_keys import ApiKey
 from service.errors import invalid_field, model_not_found
 from service.kv_policy import EffectivePolicy
 from service.schemas import ChatCompletionRequest
@@ -90,16 +92,24 @@ def _check_logit_bias(bias: dict[str, float] | None) -> None:
             )
 
 
+def default_max_tokens(settings: Settings, key: ApiKey | None) -> int | None:
+    """The output cap of a request that sets none: the key's, else the server's."""
+    if key is not None and key.default_max_tokens is not None:
+        return key.default_max_tokens
+    return settings.default_max_tokens
+
+
 def upstream_body(
-    req: ChatCompletionRequest, policy: EffectivePolicy, rid: str, settings: Settings
+    req: ChatCompletionRequest,
+    policy: EffectivePolicy,
+    rid: str,
+    settings: Settings,
+    key: ApiKey | None = None,
 ) -> dict[str, Any]:
     body = req.model_dump(exclude_none=True, by_alias=True, exclude=_NOT_FORWARDED)
-    if (
-        req.max_tokens is None
-        and req.max_completion_tokens is None
-        and settings.default_max_tokens is not None
-    ):
-        body["max_completion_tokens"] = settings.default_max_tokens
+    cap = default_max_tokens(settings, key)
+    if req.max_tokens is None and req.max_completion_tokens is None and cap is not None:
+        body["max_completion_tokens"] = cap
     if req.stream:
         # Always ask for the usage chunk: metrics and usage.kv_cache come from it. It is
         # dropped again on the way out unless the client asked for it.
@@ -111,3 +121,28 @@ def upstream_body(
 
 def wants_usage_chunk(req: ChatCompletionRequest) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
+
+
+# SGLang 0.5.23's refusal of a prompt + max_tokens past the context (tokenizer_manager.py).
+_PAST_CONTEXT = re.compile(
+    r"maximum context length of (\d+) tokens\. You requested a total of \d+ tokens: "
+    r"(\d+) tokens from the input messages"
+)
+
+
+def fit_default_cap(
+    req: ChatCompletionRequest, body: dict[str, Any], engine_error: Any
+) -> dict[str, Any] | None:
+    """`body` again with the default cap cut to what the context leaves after the prompt,
+    when the engine refused it for that; None when there is nothing to fit (the client
+    set the cap, it is another error, or the prompt fills the context)."""
+    if req.max_tokens is not None or req.max_completion_tokens is not None:
+        return None
+    message = engine_error.get("message") if isinstance(engine_error, dict) else None
+    match = _PAST_CONTEXT.search(message) if isinstance(message, str) else None
+    if match is None:
+        return None
+    room = int(match.group(1)) - int(match.group(2))
+    if not 1 <= room < body.get("max_completion_tokens", 0):
+        return None
+    return {**body, "max_completion_tokens": room}

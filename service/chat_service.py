@@ -119,16 +119,22 @@ class ChatService:
 
         call.ticket = await self._admit(request, call)
         self._metrics.queue_wait.observe(call.ticket.queued_s)
-        body = chat_request.upstream_body(req, policy, call.rid, self._settings)
+        body = chat_request.upstream_body(req, policy, call.rid, self._settings, key)
         headers = {"X-Request-Id": call.rid}
         handed_off = False
         try:
-            if stream:
-                upstream = await until_disconnect(
-                    request, self._engine.open_stream(body), on_orphan=EngineStream.close
-                )
+            try:
+                sent = await self._send(request, body)
+            except EngineHTTPError as exc:
+                # The default cap is ours, not the client's: past the context it is cut
+                # down to what the prompt leaves, not answered with a 400.
+                fitted = chat_request.fit_default_cap(req, body, exc.payload)
+                if fitted is None:
+                    raise
+                sent = await self._send(request, fitted)
+            if isinstance(sent, EngineStream):
                 relay = StreamRelay(
-                    upstream,
+                    sent,
                     policy,
                     include_usage=call.include_usage,
                     on_finish=functools.partial(self._stream_done, call),
@@ -136,7 +142,7 @@ class ChatService:
                 # From here the relay owns the ticket and releases it when the stream ends.
                 handed_off = True
                 return RelayResponse(relay, headers=headers)
-            data = await until_disconnect(request, self._engine.chat(body))
+            data = sent
         except ClientDisconnected:
             self._abort(call, "client_disconnected")
             self._outcome(call, "client_disconnected")
@@ -165,6 +171,13 @@ class ChatService:
         # Nothing runs in between (no await), so a request that follows sees it counted.
         done = BackgroundTask(self._completed, call, data.get("usage") or {}, kv, None)
         return FastJSONResponse(data, headers=headers, background=done)
+
+    async def _send(self, request: Request, body: dict[str, Any]) -> EngineStream | dict[str, Any]:
+        if body.get("stream"):
+            return await until_disconnect(
+                request, self._engine.open_stream(body), on_orphan=EngineStream.close
+            )
+        return await until_disconnect(request, self._engine.chat(body))
 
     async def _completed(
         self,

@@ -219,6 +219,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "raas-serve"
+    # For the caller: the largest max_tokens it may ask for, and the cap its requests get
+    # when they set none (null: the engine's, up to the context length).
+    max_tokens_limit: int
+    default_max_tokens: int | None
 
 
 class ModelList(BaseModel):

@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.kv_policy import POLICY_NAMES, PolicyName
 
 EngineMode = Literal["embedded", "remote"]
+DEFAULT_MAX_TOKENS = 1024
 
 
 class Settings(BaseSettings):
@@ -87,9 +88,10 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1 << 20, ge=1024)
     # Cap on max_tokens / max_completion_tokens a client may ask for.
     max_tokens_limit: int = Field(default=4096, ge=1)
-    # Sent when the client asks for no limit. None leaves it to the engine, which stops at
-    # EOS or the context length (a fixed default would turn long prompts into 400s).
-    default_max_tokens: int | None = Field(default=None, ge=1)
+    # Sent when the client asks for no limit (an API key may set its own); where the prompt
+    # leaves less room in the context, the engine gets what is left. None leaves it to the
+    # engine, which then writes until EOS or the context length: minutes on a CPU.
+    default_max_tokens: int | None = Field(default=DEFAULT_MAX_TOKENS, ge=1)
     max_n: int = Field(default=8, ge=1)
 
     # --- admission control ---
@@ -159,6 +161,9 @@ class Settings(BaseSettings):
                 f"expected kv_default_budget_tokens in [{self.kv_min_budget_tokens}, "
                 f"{self.kv_max_budget_tokens}], got {self.kv_default_budget_tokens}"
             )
+        if "default_max_tokens" not in self.model_fields_set:
+            # The stock default never exceeds a lower limit set alone.
+            self.default_max_tokens = min(DEFAULT_MAX_TOKENS, self.max_tokens_limit)
         if self.default_max_tokens is not None and self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("expected default_max_tokens <= max_tokens_limit")
         if self.engine_restart_backoff_s > self.engine_restart_backoff_max_s:

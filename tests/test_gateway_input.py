@@ -52,10 +52,26 @@ ENGINE_ERRORS: dict[str, tuple[int, str]] = {
 }
 
 
+# A prompt this long leaves CONTEXT - LONG_PROMPT tokens for the answer.
+CONTEXT, LONG_PROMPT = 8192, 8000
+
+
 async def engine(request: Request) -> Response:
     """The stub engine, or one of SGLang's error bodies when the message names one."""
     body = await request.json()
     last = body["messages"][-1].get("content")
+    wanted = body.get("max_completion_tokens") or body.get("max_tokens")
+    if last == "long-prompt" and (wanted is None or wanted + LONG_PROMPT > CONTEXT):
+        # SGLang 0.5.23's tokenizer manager, word for word.
+        message = (
+            f"Requested token count exceeds the model's maximum context length of {CONTEXT} "
+            f"tokens. You requested a total of {LONG_PROMPT + (wanted or 0)} tokens: "
+            f"{LONG_PROMPT} tokens from the input messages and {wanted} tokens for the "
+            "completion. Please reduce the number of tokens in the input messages or the "
+            "completion to fit within the limit."
+        )
+        error = {"object": "error", "message": message, "type": "BadRequest", "param": None}
+        return JSONResponse({**error, "code": 400}, status_code=400)
     if isinstance(last, str) and last.startswith("engine-error:"):
         status, message = ENGINE_ERRORS[last.removeprefix("engine-error:")]
         error = {"object": "error", "message": message, "type": "BadRequest", "param": None}
@@ -451,3 +467,55 @@ def test_the_openapi_schema_accepts_exactly_what_the_gateway_accepts(stub):
             if refused and error_of(resp)["param"] in ("tools", "seed"):
                 continue  # refused for what this server runs, not for the body's shape
             assert validator.is_valid(body(**fields)) == (not refused), (fields, resp.text)
+
+
+# --- a default output cap ------------------------------------------------------------------
+
+
+def completion_tokens(url: str, api_key: str = "unused", **fields: Any) -> int:
+    if fields.get("stream"):
+        fields["stream_options"] = {"include_usage": True}
+    resp = httpx.post(
+        f"{url}{CHAT}",
+        json=body(**fields),
+        headers={"authorization": f"Bearer {api_key}"},
+        timeout=30,
+    )
+    assert resp.status_code == 200, resp.text
+    if fields.get("stream"):
+        events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: {")]
+        return json.loads(events[-1])["usage"]["completion_tokens"]
+    return resp.json()["usage"]["completion_tokens"]
+
+
+def test_a_request_without_max_tokens_gets_the_default_cap(gw):
+    default = Settings.model_fields["default_max_tokens"].default
+    assert isinstance(default, int)
+    assert completion_tokens(gw) == default
+    assert completion_tokens(gw, max_tokens=3) == 3
+    card = httpx.get(f"{gw}/v1/models").json()["data"][0]
+    assert (card["default_max_tokens"], card["max_tokens_limit"]) == (default, 4096)
+
+
+def test_an_api_key_has_its_own_default_cap(stub, tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-short default_max_tokens=7\nsk-plain\n")
+    settings = Settings(
+        engine_mode="remote", engine_url=stub, api_keys_file=keys, default_max_tokens=20
+    )
+    with serve_app(create_app(settings)) as url:
+        wait_ready(url, timeout_s=10)
+        assert completion_tokens(url, "sk-short") == 7
+        assert completion_tokens(url, "sk-plain") == 20
+        for key, cap in (("sk-short", 7), ("sk-plain", 20)):
+            models = httpx.get(f"{url}/v1/models", headers={"authorization": f"Bearer {key}"})
+            assert models.json()["data"][0]["default_max_tokens"] == cap
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_default_cap_shrinks_to_what_a_long_prompt_leaves(gw, stream):
+    messages = [{"role": "user", "content": "long-prompt"}]
+    assert completion_tokens(gw, messages=messages, stream=stream) == CONTEXT - LONG_PROMPT
+    # A cap the client chose is the client's: the engine's refusal stands.
+    resp = httpx.post(f"{gw}{CHAT}", json=body(messages=messages, max_tokens=1000), timeout=30)
+    assert resp.status_code == 400 and error_of(resp)["param"] == "messages"

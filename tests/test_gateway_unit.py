@@ -379,8 +379,18 @@ def test_upstream_body_carries_rid_policy_and_usage_request():
     assert body["stream_options"] == {"include_usage": True}
     assert body["max_completion_tokens"] == 32 and body["top_k"] == 5
     assert "kv_policy" not in body and "store" not in body
-    plain = chat_request.upstream_body(chat(), eff, "chatcmpl-y", settings())
+    plain = chat_request.upstream_body(chat(), eff, "chatcmpl-y", settings(default_max_tokens=None))
     assert "max_completion_tokens" not in plain and "stream_options" not in plain
+    capped = chat_request.upstream_body(chat(), eff, "chatcmpl-z", settings())
+    assert capped["max_completion_tokens"] == 1024
+
+
+def test_a_key_default_cap_above_the_server_limit_fails_at_load(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-a default_max_tokens=5000\n")
+    with pytest.raises(ApiKeyError, match="default_max_tokens=5000"):
+        load_key_store(keys, None, max_tokens_limit=4096)
+    assert len(load_key_store(keys, None, max_tokens_limit=8192)) == 1
 
 
 # --- metrics and model config -----------------------------------------------------------
