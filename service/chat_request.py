@@ -62,6 +62,8 @@ def check_values(req: ChatCompletionRequest, settings: Settings) -> None:
     if req.stream_options is not None and not req.stream:
         raise invalid_field("stream_options", "stream_options is only allowed with stream=true")
     _check_logit_bias(req.logit_bias)
+    if req.seed is not None:
+        _check_seed(req.seed, settings)
 
 
 def _check_range(
@@ -97,6 +99,21 @@ def default_max_tokens(settings: Settings, key: ApiKey | None) -> int | None:
     if key is not None and key.default_max_tokens is not None:
         return key.default_max_tokens
     return settings.default_max_tokens
+
+
+SEED_RANGE = (-(2**63), 2**63 - 1)
+
+
+def _check_seed(seed: int, settings: Settings) -> None:
+    if not settings.engine_honours_seed:
+        raise invalid_field(
+            "seed",
+            "seed is not supported by this server: its engine cannot sample reproducibly "
+            "(for repeatable output use temperature 0)",
+            code="unsupported_parameter",
+        )
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise invalid_field("seed", f"expected seed in [-2**63, 2**63 - 1], got {seed}")
 
 
 def upstream_body(

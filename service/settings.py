@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     # engine, which then writes until EOS or the context length: minutes on a CPU.
     default_max_tokens: int | None = Field(default=DEFAULT_MAX_TOKENS, ge=1)
     max_n: int = Field(default=8, ge=1)
+    # Whether the engine samples by a request's `seed`. SGLang does only when started with
+    # --enable-deterministic-inference, which it refuses for the raas attention backend;
+    # otherwise a seed is a 400, never silently ignored. True for a remote engine that
+    # runs deterministic inference.
+    engine_honours_seed: bool = False
 
     # --- admission control ---
     max_in_flight: int = Field(default=64, ge=1)

@@ -151,7 +151,6 @@ def test_openai_sampling_features_pass_through(gw):
         max_completion_tokens=4,
         temperature=0.8,
         top_p=0.9,
-        seed=3,
         logprobs=True,
         top_logprobs=2,
         stop=["\n\n"],

@@ -460,11 +460,12 @@ def test_the_openapi_schema_accepts_exactly_what_the_gateway_accepts(stub):
             {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
             {"response_format": {"type": "json_object"}},
             {"stop": ["a", "b"], "seed": None, "user": "u", "store": True},
+            {"seed": 7},
         ]
         for fields in cases:
             resp = httpx.post(f"{url}{CHAT}", json=body(**fields), timeout=30)
             refused = resp.status_code in (400, 422)
-            if refused and error_of(resp)["param"] in ("tools", "seed"):
+            if refused and error_of(resp)["param"] == "tools":
                 continue  # refused for what this server runs, not for the body's shape
             assert validator.is_valid(body(**fields)) == (not refused), (fields, resp.text)
 
@@ -519,3 +520,27 @@ def test_the_default_cap_shrinks_to_what_a_long_prompt_leaves(gw, stream):
     # A cap the client chose is the client's: the engine's refusal stands.
     resp = httpx.post(f"{gw}{CHAT}", json=body(messages=messages, max_tokens=1000), timeout=30)
     assert resp.status_code == 400 and error_of(resp)["param"] == "messages"
+
+
+# --- seed ----------------------------------------------------------------------------------
+
+
+def test_a_seed_is_refused_where_the_engine_cannot_honour_it(gw):
+    resp = httpx.post(f"{gw}{CHAT}", json=body(seed=7), timeout=30)
+    assert resp.status_code == 400
+    err = error_of(resp)
+    assert (err["param"], err["code"]) == ("seed", "unsupported_parameter")
+    assert httpx.post(f"{gw}{CHAT}", json=body(seed=None, max_tokens=1)).status_code == 200
+
+
+def test_a_seed_reaches_an_engine_that_honours_it(stub):
+    settings = Settings(engine_mode="remote", engine_url=stub, engine_honours_seed=True)
+    with serve_app(create_app(settings)) as url:
+        wait_ready(url, timeout_s=10)
+        ok = httpx.post(f"{url}{CHAT}", json=body(seed=-(2**63), max_tokens=1), timeout=30)
+        assert ok.status_code == 200
+        resp = httpx.post(f"{url}{CHAT}", json=body(seed=2**63), timeout=30)
+        assert resp.status_code == 400 and error_of(resp)["param"] == "seed"
+        seed = httpx.get(f"{url}/openapi.json").json()["paths"][CHAT]["post"]["requestBody"]
+        schema = seed["content"]["application/json"]["schema"]["properties"]["seed"]
+        assert schema["maximum"] == 2**63 - 1

@@ -73,6 +73,8 @@ def document_limits(doc: dict[str, Any], settings: Settings) -> None:
     for name in ("max_tokens", "max_completion_tokens"):
         fields[name]["maximum"] = settings.max_tokens_limit
     fields["n"]["maximum"] = settings.max_n
+    if not settings.engine_honours_seed:
+        fields["seed"] = {"type": "null", "description": "Not supported here (a 400)"}
 
 
 # Every error is OpenAI's `{"error": {...}}` (service/errors.py).
