@@ -444,7 +444,13 @@ def test_autoscaler_scales_on_queue_and_kv_usage_not_cpu(overlay: str) -> None:
     assert hpa["spec"]["scaleTargetRef"]["name"] == one(overlay, "Deployment")["metadata"]["name"]
     assert all(m["type"] == "Pods" for m in hpa["spec"]["metrics"])
     names = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]}
-    assert names == {"raas_requests_queued", "raas_engine_kv_usage_ratio"}
+    # Both queues: with RAAS_MAX_IN_FLIGHT above what the engine runs at once, the
+    # backlog waits in the engine's scheduler and the gateway's queue stays empty.
+    assert names == {
+        "raas_requests_queued",
+        "raas_engine_queued_requests",
+        "raas_engine_kv_usage_ratio",
+    }
     assert names <= set(exported_metrics())
     adapter = yaml.safe_load((PROMETHEUS / "prometheus-adapter-rules.yaml").read_text())
     served = {rule["name"]["as"] for rule in adapter["rules"]}
@@ -453,6 +459,28 @@ def test_autoscaler_scales_on_queue_and_kv_usage_not_cpu(overlay: str) -> None:
         assert metric_names(rule["seriesQuery"]) <= known_series_names()
     assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
     assert hpa["spec"]["maxReplicas"] >= hpa["spec"]["minReplicas"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_autoscaled_deployment_sets_no_replica_count(overlay: str) -> None:
+    """A count in the manifest is re-applied by every `kubectl apply -k`, undoing the HPA."""
+    hpa = one(overlay, "HorizontalPodAutoscaler")
+    deployment = one(overlay, "Deployment")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    assert "replicas" not in deployment["spec"]
+
+
+# The label kube-prometheus-stack's default selectors need (`release: <Helm release>`),
+# with the release name its install instructions use.
+KUBE_PROMETHEUS_STACK_RELEASE = "kube-prometheus-stack"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prometheus_operator_objects_match_kube_prometheus_stack(overlay: str) -> None:
+    """Without the release label the stack's Prometheus ignores them, and says nothing."""
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        labels = one(overlay, kind)["metadata"]["labels"]
+        assert labels.get("release") == KUBE_PROMETHEUS_STACK_RELEASE, kind
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
