@@ -62,6 +62,8 @@ def check_values(req: ChatCompletionRequest, settings: Settings) -> None:
     if req.stream_options is not None and not req.stream:
         raise invalid_field("stream_options", "stream_options is only allowed with stream=true")
     _check_logit_bias(req.logit_bias)
+    if req.tool_choice not in (None, "none") and not req.tools:
+        raise invalid_field("tool_choice", "tool_choice is only allowed when tools are given")
     if req.seed is not None:
         _check_seed(req.seed, settings)
 
@@ -92,6 +94,11 @@ def _check_logit_bias(bias: dict[str, float] | None) -> None:
                 "logit_bias",
                 f"expected a bias in [-100, 100] for token {token}, got {value}",
             )
+
+
+def uses_tools(req: ChatCompletionRequest) -> bool:
+    """Whether the request asks the model to call tools (tools given, choice not "none")."""
+    return bool(req.tools) and req.tool_choice != "none"
 
 
 def default_max_tokens(settings: Settings, key: ApiKey | None) -> int | None:

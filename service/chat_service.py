@@ -39,6 +39,9 @@ from service.stream_relay import RelayResponse, StreamRelay
 log = structlog.get_logger(__name__)
 
 UNRESOLVED = "unresolved"
+# How long the engine's tool-call parser is trusted before it is read again (a remote
+# engine may be restarted with another configuration).
+TOOL_PARSER_TTL_S = 30.0
 
 
 @dataclass
@@ -73,6 +76,8 @@ class ChatService:
         self._background: set[asyncio.Task[Any]] = set()
         # Without API keys every request has the server's limits: worked out once.
         self._server_limits = PolicyLimits.for_caller(settings, None)
+        # When the engine's tool-call parser was last read, and what it is (None: none).
+        self._tool_parser: tuple[float, str | None] | None = None
 
     async def aclose(self) -> None:
         """Let in-flight aborts reach the engine before the client closes."""
@@ -93,6 +98,8 @@ class ChatService:
                 if key is None
                 else PolicyLimits.for_caller(self._settings, key),
             )
+            if chat_request.uses_tools(req):
+                await self._check_tool_calls()
         except errors.OpenAIError:
             self._metrics.record_outcome(policy=UNRESOLVED, stream=stream, outcome="invalid")
             raise
@@ -171,6 +178,24 @@ class ChatService:
         # Nothing runs in between (no await), so a request that follows sees it counted.
         done = BackgroundTask(self._completed, call, data.get("usage") or {}, kv, None)
         return FastJSONResponse(data, headers=headers, background=done)
+
+    async def _check_tool_calls(self) -> None:
+        """400 unless the engine parses tool calls: without a parser SGLang answers a tool
+        call as plain text with finish "stop", which a client cannot tell from a reply."""
+        now = time.monotonic()
+        if self._tool_parser is None or now - self._tool_parser[0] > TOOL_PARSER_TTL_S:
+            info = await self._engine.model_info()
+            if info is None:
+                return  # unreachable: the readiness check answers for it
+            self._tool_parser = (now, info.get("tool_call_parser") or None)
+        if self._tool_parser[1] is None:
+            raise errors.invalid_field(
+                "tools",
+                f"Function calling is not available on this server: the model "
+                f"{self._settings.model_name!r} is served without a tool-call parser (its "
+                "chat template has no tool-call format)",
+                code="tools_not_supported",
+            )
 
     async def _send(self, request: Request, body: dict[str, Any]) -> EngineStream | dict[str, Any]:
         if body.get("stream"):

@@ -328,6 +328,17 @@ class EngineClient:
             return None
         return raw.decode("utf-8", errors="replace") if status == 200 else None
 
+    async def model_info(self) -> dict[str, Any] | None:
+        """SGLang's /model_info (the served model and its parsers); None when unreachable."""
+        try:
+            status, raw = await self._get_or_post(
+                "GET", FRONT_END_PROBE_PATH, None, self._metrics_timeout_s
+            )
+            info = json_codec.loads(raw) if status == 200 else None
+        except (*TRANSPORT_ERRORS, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
 
 def _json_or_text(raw: bytes, status: int) -> Any:
     try:

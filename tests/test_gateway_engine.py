@@ -175,6 +175,17 @@ def test_engine_side_policy_validation_is_a_400_naming_the_field(gw):
     assert str(exc.value.body["param"]).startswith("kv_policy")
 
 
+def test_tools_are_a_clear_400_on_a_model_without_tool_calling(gw):
+    """SmolLM2's chat template has no tool-call format and the engine runs no tool-call
+    parser: a tool call would come back as text with finish "stop"."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+    with pytest.raises(openai.BadRequestError) as exc:
+        client(gw).chat.completions.create(
+            model=MODEL, messages=PROMPT, max_tokens=4, tools=[weather], tool_choice="required"
+        )
+    assert (exc.value.body["param"], exc.value.body["code"]) == ("tools", "tools_not_supported")
+
+
 def test_overload_is_429_with_retry_after(engine):
     with gateway(engine, max_in_flight=1, max_queue=0) as url:
         # ignore_eos: the held stream must not end (by EOS) before the second request.

@@ -544,3 +544,55 @@ def test_a_seed_reaches_an_engine_that_honours_it(stub):
         seed = httpx.get(f"{url}/openapi.json").json()["paths"][CHAT]["post"]["requestBody"]
         schema = seed["content"]["application/json"]["schema"]["properties"]["seed"]
         assert schema["maximum"] == 2**63 - 1
+
+
+# --- tool calls ------------------------------------------------------------------------------
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "choice", [None, "auto", "required", {"type": "function", "function": {"name": "get_weather"}}]
+)
+def test_tools_are_a_clear_400_where_the_engine_parses_no_tool_calls(gw, choice):
+    fields: dict[str, Any] = {"tools": [WEATHER]}
+    if choice is not None:
+        fields["tool_choice"] = choice
+    resp = httpx.post(f"{gw}{CHAT}", json=body(**fields), timeout=30)
+    assert resp.status_code == 400
+    err = error_of(resp)
+    assert (err["param"], err["code"]) == ("tools", "tools_not_supported")
+    assert "tool-call parser" in err["message"]
+
+
+def test_tools_with_choice_none_and_choice_without_tools(gw):
+    none = body(tools=[WEATHER], tool_choice="none", max_tokens=1)
+    assert httpx.post(f"{gw}{CHAT}", json=none, timeout=30).status_code == 200
+    resp = httpx.post(f"{gw}{CHAT}", json=body(tool_choice="required"), timeout=30)
+    assert resp.status_code == 400 and error_of(resp)["param"] == "tool_choice"
+
+
+async def model_info_with_parser(_: Request) -> JSONResponse:
+    return JSONResponse({"model_path": "m", "tool_call_parser": "qwen25"})
+
+
+def test_tools_reach_an_engine_that_parses_tool_calls():
+    parsing = Starlette(
+        routes=[
+            Route(CHAT, engine, methods=["POST"]),
+            Route("/model_info", model_info_with_parser),
+            Route("/{probe:path}", healthy, methods=["GET"]),
+        ]
+    )
+    with serve_app(parsing) as engine_url:
+        settings = Settings(engine_mode="remote", engine_url=engine_url)
+        with serve_app(create_app(settings)) as url:
+            wait_ready(url, timeout_s=10)
+            fields = {"tools": [WEATHER], "tool_choice": "required", "max_tokens": 1}
+            assert httpx.post(f"{url}{CHAT}", json=body(**fields), timeout=30).status_code == 200
