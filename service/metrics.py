@@ -76,7 +76,29 @@ from service.kv_policy import POLICY_NAMES, KvCacheUsage
 
 log = structlog.get_logger(__name__)
 
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Up to an hour: a non-streamed reasoning answer arrives whole after its entire decode
+# (the gpu overlay's RAAS_UPSTREAM_TIMEOUT_S is 3600 s); a top bucket below the longest
+# answer would put every long one in +Inf, where no quantile can be read.
+LATENCY_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+    300,
+    600,
+    1200,
+    1800,
+    3600,
+)
 TOKEN_LATENCY_BUCKETS = (
     0.001,
     0.0025,

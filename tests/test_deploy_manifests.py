@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 import tomllib
 from functools import cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -347,14 +348,50 @@ def test_deployment_runs_non_root_on_a_read_only_root(overlay: str) -> None:
         assert "emptyDir" in volumes[mounts[path]], path
 
 
+def overlay_settings(overlay: str, monkeypatch: pytest.MonkeyPatch):
+    """The gateway's Settings as the overlay's ConfigMap configures them."""
+    from service.settings import Settings
+
+    for name in list(os.environ):
+        if name.startswith("RAAS_"):
+            monkeypatch.delenv(name)
+    for name, value in config_data(overlay).items():
+        monkeypatch.setenv(name, value)
+    return Settings()
+
+
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_deployment_drains_streams_before_stopping(overlay: str) -> None:
+def test_deployment_drains_streams_before_stopping(overlay: str, monkeypatch) -> None:
     pod = one(overlay, "Deployment")["spec"]["template"]["spec"]
     command = container(overlay)["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "raas-drain"
-    drain_timeout = float(command[command.index("--timeout") + 1])
-    # SIGTERM comes only after preStop; uvicorn and the engine need time after it.
-    assert pod["terminationGracePeriodSeconds"] >= drain_timeout + 30
+    prestop_timeout = float(command[command.index("--timeout") + 1])
+    settings = overlay_settings(overlay, monkeypatch)
+    # The gateway's own drain on SIGTERM is what keeps streams alive when the hook did
+    # not run or ran out: not the 30 s default, but as long as the hook's.
+    assert settings.drain_timeout_s >= prestop_timeout
+    # SIGTERM comes only after preStop; the gateway's drain, the engine's stop and
+    # uvicorn's exit must all fit before the kubelet's SIGKILL.
+    assert pod["terminationGracePeriodSeconds"] >= (
+        prestop_timeout + settings.drain_timeout_s + settings.engine_stop_grace_s + 10
+    )
+
+
+# The slowest decode rate one request should see on a loaded pod, tokens/s: what the
+# upstream timeout has to allow a non-streamed answer of max_tokens_limit tokens.
+PLANNED_DECODE_RATE = {"cpu": 4.0, "cuda": 10.0}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_longest_non_streamed_answer_fits_the_upstream_timeout(overlay, monkeypatch) -> None:
+    """A non-streamed answer arrives whole: the upstream timeout bounds its entire decode."""
+    from service.metrics import LATENCY_BUCKETS
+
+    settings = overlay_settings(overlay, monkeypatch)
+    longest_s = settings.max_tokens_limit / PLANNED_DECODE_RATE[settings.engine_device]
+    assert settings.upstream_timeout_s >= longest_s
+    # The e2e latency histogram resolves such an answer instead of counting it in +Inf.
+    assert max(LATENCY_BUCKETS) >= settings.upstream_timeout_s
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -666,11 +703,14 @@ def test_drain_parses_the_gateway_gauges() -> None:
 
 class _Metrics(BaseHTTPRequestHandler):
     in_flight: list[float] = []
+    delay_s = 0.0
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        time.sleep(self.delay_s)
         value = self.in_flight.pop(0) if len(self.in_flight) > 1 else self.in_flight[0]
         body = f"raas_requests_in_flight {value}\nraas_requests_queued 0.0\n".encode()
-        self.send_response(200)
+        # A negative count stands for a gateway that answers /metrics with an error.
+        self.send_response(200 if value >= 0 else 503)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -685,6 +725,7 @@ def metrics_server():
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server, f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    _Metrics.delay_s = 0.0
     server.shutdown()
     server.server_close()
 
@@ -702,6 +743,23 @@ def test_drain_waits_for_in_flight_requests(metrics_server) -> None:
     server.shutdown()
     server.server_close()
     assert drain.drain(url, timeout_s=10, **kw) is True
+
+
+def test_drain_waits_through_a_slow_metrics_endpoint(metrics_server) -> None:
+    """The gateway's /metrics waits up to 2 s for the engine's: slow is busy, not idle."""
+    drain = _load_drain()
+    _, url = metrics_server
+    _Metrics.delay_s = 1.3
+    _Metrics.in_flight = [1.0, 0.0, 0.0, 0.0]
+    kw = {"settle_s": 0.0, "interval_s": 0.01, "idle_polls": 2, "log": lambda _: None}
+    assert drain.drain(url, timeout_s=30, **kw) is True
+    assert len(_Metrics.in_flight) <= 2, "returned before the request finished"
+    # A gateway that answers with an error holds its requests still: wait out the timeout.
+    _Metrics.delay_s = 0.0
+    _Metrics.in_flight = [-1.0]
+    started = time.monotonic()
+    assert drain.drain(url, timeout_s=0.5, **kw) is False
+    assert time.monotonic() - started >= 0.5
 
 
 # --------------------------------------------------------------------------- Prometheus
