@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from raas_backend.request_kv import RequestKV
+from raas_backend.retention import attended_tokens
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,20 @@ def build_step_lists(
                     else torch.full((page_ids.numel(),), -1, dtype=torch.int64),
                 ]
             )
-            scored_start.append(prompt if scored else int(lens.sum()))
+            listed = int(lens.sum())
+            if not state.selects_per_layer:
+                # The count the host predicts from numbers alone (retention.py): a list
+                # that disagrees means the policy state and the plan went apart.
+                want = attended_tokens(
+                    prompt,
+                    table.decode_len,
+                    state.config.budget_tokens,
+                    size,
+                    frees_memory=state.policy.frees_memory,
+                )
+                if listed != want:
+                    raise RuntimeError(f"raas: row {row} lists {listed} tokens, {want} predicted")
+            scored_start.append(prompt if scored else listed)
             page_indptr.append(first + n_pages)
         seg_row.append(torch.full((starts.numel(),), row, dtype=torch.int64))
         seg_start.append(starts)
