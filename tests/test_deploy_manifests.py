@@ -666,6 +666,29 @@ def test_compose_gpu_override() -> None:
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
 
 
+def _seconds(duration: str) -> float:
+    match = re.fullmatch(r"(\d+)([sm])", duration)
+    assert match, duration
+    return float(match.group(1)) * (60 if match.group(2) == "m" else 1)
+
+
+@pytest.mark.parametrize("files", [["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"]])
+def test_compose_drain_uses_the_stop_grace_period(files: list[str]) -> None:
+    """Without a preStop hook, the gateway's drain on SIGTERM is all a stream gets."""
+    from service.settings import Settings
+
+    gateway: dict[str, Any] = {"environment": {}}
+    for name in files:  # what `docker compose -f ... -f ...` merges
+        service = compose(name)["services"]["gateway"]
+        gateway["environment"] |= service.get("environment", {})
+        gateway["stop_grace_period"] = service.get("stop_grace_period", "10s")
+    grace_s = _seconds(gateway["stop_grace_period"])
+    drain_s = float(gateway["environment"]["RAAS_DRAIN_TIMEOUT_S"])
+    stop_s = Settings.model_fields["engine_stop_grace_s"].default
+    assert drain_s + stop_s <= grace_s - 5, "Docker would SIGKILL mid-drain"
+    assert drain_s >= grace_s - stop_s - 15, "the drain leaves most of the grace unused"
+
+
 @pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml"])
 def test_compose_settings_are_real(name: str) -> None:
     from service.settings import Settings
