@@ -44,7 +44,9 @@ KUSTOMIZE = DEPLOY / "kubernetes"
 PROMETHEUS = DEPLOY / "prometheus"
 GRAFANA = DEPLOY / "grafana"
 DOCKER = ROOT / "docker"
-OVERLAYS = ("cpu", "gpu")
+# cpu and gpu, and two examples on top of gpu that use the optional components (the
+# weights on a shared volume and an Ingress; a Gateway API HTTPRoute).
+OVERLAYS = ("cpu", "gpu", "gpu-production", "gpu-gateway-api")
 # The oldest Kubernetes the manifests target, and the newest the validator knows.
 K8S_VERSIONS = ("1.31.0", "latest")
 # RAAS_* variables read outside Settings.
@@ -147,6 +149,10 @@ def config_data(overlay: str) -> dict[str, str]:
     return cm["data"]
 
 
+def is_gpu(overlay: str) -> bool:
+    return overlay.startswith("gpu")
+
+
 def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
 
@@ -169,7 +175,88 @@ _LABEL_SELECTOR = {
     "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}},
     "additionalProperties": False,
 }
+_STRICT_OBJECT = {"type": "object", "additionalProperties": False}
 CRD_SCHEMAS = {
+    # Gateway API v1 (standard channel), the fields the example route uses.
+    "HTTPRoute": {
+        **_STRICT_OBJECT,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "gateway.networking.k8s.io/v1"},
+            "kind": {"const": "HTTPRoute"},
+            "metadata": _META,
+            "spec": {
+                **_STRICT_OBJECT,
+                "required": ["parentRefs", "rules"],
+                "properties": {
+                    "parentRefs": {
+                        "type": "array",
+                        "items": {
+                            **_STRICT_OBJECT,
+                            "required": ["name"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "namespace": {"type": "string"},
+                                "sectionName": {"type": "string"},
+                            },
+                        },
+                    },
+                    "hostnames": {"type": "array", "items": {"type": "string"}},
+                    "rules": {
+                        "type": "array",
+                        "items": {
+                            **_STRICT_OBJECT,
+                            "properties": {
+                                "matches": {
+                                    "type": "array",
+                                    "items": {
+                                        **_STRICT_OBJECT,
+                                        "properties": {
+                                            "path": {
+                                                **_STRICT_OBJECT,
+                                                "properties": {
+                                                    "type": {
+                                                        "enum": [
+                                                            "Exact",
+                                                            "PathPrefix",
+                                                            "RegularExpression",
+                                                        ]
+                                                    },
+                                                    "value": {"type": "string"},
+                                                },
+                                            }
+                                        },
+                                    },
+                                },
+                                "backendRefs": {
+                                    "type": "array",
+                                    "items": {
+                                        **_STRICT_OBJECT,
+                                        "required": ["name", "port"],
+                                        "properties": {
+                                            "name": {"type": "string"},
+                                            "port": {"type": "integer"},
+                                        },
+                                    },
+                                },
+                                "timeouts": {
+                                    **_STRICT_OBJECT,
+                                    "properties": {
+                                        # The API's own pattern for Duration.
+                                        k: {
+                                            "type": "string",
+                                            "pattern": r"^([0-9]{1,5}(h|m|s|ms)){1,4}$",
+                                        }
+                                        for k in ("request", "backendRequest")
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
     "ServiceMonitor": {
         "type": "object",
         "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -325,7 +412,7 @@ def test_deployment_probes_hit_the_gateways_health_routes(overlay: str) -> None:
     startup = c["startupProbe"]
     # Model load is long: at least 10 minutes of start-up before liveness applies.
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
-    if overlay == "gpu":
+    if is_gpu(overlay):
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 1800
 
 
@@ -400,12 +487,119 @@ def test_deployment_resources(overlay: str) -> None:
     assert resources["requests"]["cpu"] and resources["requests"]["memory"]
     assert resources["limits"]["memory"]
     gpus = resources["limits"].get("nvidia.com/gpu")
-    if overlay == "gpu":
+    if is_gpu(overlay):
         assert gpus == "1" and resources["requests"]["nvidia.com/gpu"] == "1"
         tolerations = one(overlay, "Deployment")["spec"]["template"]["spec"]["tolerations"]
         assert any(t["key"] == "nvidia.com/gpu" for t in tolerations)
     else:
         assert gpus is None
+
+
+_QUANTITY = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def quantity_bytes(value: str) -> int:
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti)", value)
+    assert match, f"unexpected quantity {value}"
+    return int(match.group(1)) * _QUANTITY[match.group(2)]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_deployment_reserves_the_node_disk_it_uses(overlay: str) -> None:
+    """emptyDirs and logs are node disk: request it, and let the volumes fill to their limits."""
+    pod = one(overlay, "Deployment")["spec"]["template"]["spec"]
+    resources = container(overlay)["resources"]
+    request = quantity_bytes(resources["requests"]["ephemeral-storage"])
+    limit = quantity_bytes(resources["limits"]["ephemeral-storage"])
+    on_disk = sum(
+        quantity_bytes(v["emptyDir"]["sizeLimit"])
+        for v in pod["volumes"]
+        if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory"
+    )
+    # Past the pod's limit the kubelet evicts it: the volumes' own limits must come first.
+    assert limit >= on_disk + 2**30
+    assert request <= limit
+    model = config_data(overlay).get("RAAS_MODEL_PATH", "")
+    if model and not model.startswith("/"):
+        # A hub id is downloaded into $HOME at every start: 16 GB for the gpu model.
+        assert request >= 20 * 2**30
+
+
+def test_model_volume_component_serves_the_weights_from_a_shared_claim() -> None:
+    overlay = "gpu-production"
+    pod = one(overlay, "Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    claims = {d["metadata"]["name"]: d for d in objects(overlay, "PersistentVolumeClaim")}
+    model_path = config_data(overlay)["RAAS_MODEL_PATH"]
+    # The gateway reads the weights from the claim, read-only, at RAAS_MODEL_PATH.
+    (mount,) = [
+        m for m in container(overlay)["volumeMounts"] if model_path.startswith(m["mountPath"] + "/")
+    ]
+    assert mount.get("readOnly") is True
+    claim_name = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    # Every replica, on any node, mounts it.
+    assert claims[claim_name]["spec"]["accessModes"] == ["ReadWriteMany"]
+    # The init container fills exactly that directory, from the same image, as non-root.
+    (init,) = pod["initContainers"]
+    env = {e["name"]: e.get("value") for e in init["env"]}
+    assert env["MODEL_DIR"] == model_path
+    assert "/" in env["MODEL_REPO"] and not env["MODEL_REPO"].startswith("/")
+    (init_mount,) = [m for m in init["volumeMounts"] if m["name"] == mount["name"]]
+    assert init_mount["mountPath"] == mount["mountPath"] and not init_mount.get("readOnly")
+    assert init["image"] == container(overlay)["image"]
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True
+    init_mounts = {m["mountPath"] for m in init["volumeMounts"]}
+    assert env["HOME"] in init_mounts, "huggingface_hub writes under $HOME"
+    assert "ephemeral-storage" in init["resources"]["requests"]
+
+
+def _routes_timeout_s(overlay: str) -> list[float]:
+    found = []
+    for ingress in objects(overlay, "Ingress"):
+        annotations = ingress["metadata"]["annotations"]
+        assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+        for key in ("proxy-read-timeout", "proxy-send-timeout"):
+            found.append(float(annotations[f"nginx.ingress.kubernetes.io/{key}"]))
+    for route in objects(overlay, "HTTPRoute"):
+        for rule in route["spec"]["rules"]:
+            found.append(_seconds(rule["timeouts"]["request"]))
+    return found
+
+
+@pytest.mark.parametrize("overlay", ["gpu-production", "gpu-gateway-api"])
+def test_api_route_examples_reach_the_gateway_and_wait_as_long(overlay, monkeypatch) -> None:
+    service = one(overlay, "Service")
+    (port,) = service["spec"]["ports"]
+    backends: list[tuple[str, Any]] = []
+    prefixes: list[str] = []
+    for ingress in objects(overlay, "Ingress"):
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                backends.append((backend["name"], backend["port"]["name"]))
+                prefixes.append(path["path"])
+    for route in objects(overlay, "HTTPRoute"):
+        for rule in route["spec"]["rules"]:
+            backends += [(b["name"], b["port"]) for b in rule["backendRefs"]]
+            prefixes += [m["path"]["value"] for m in rule["matches"]]
+    assert backends, "no route in the example"
+    for name, backend_port in backends:
+        assert name == service["metadata"]["name"]
+        assert backend_port in (port["name"], port["port"])
+    # Only the API goes out: /metrics and /health stay in the cluster.
+    assert set(prefixes) == {"/v1"}
+    # The proxy waits at least as long as the gateway would for the engine.
+    settings = overlay_settings(overlay, monkeypatch)
+    assert min(_routes_timeout_s(overlay)) >= settings.upstream_timeout_s
+    # The router's pods reach the gateway's port through the NetworkPolicy.
+    policy = one(overlay, "NetworkPolicy")
+    namespaces = {
+        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for rule in policy["spec"]["ingress"]
+        for peer in rule["from"]
+        if "namespaceSelector" in peer
+    }
+    assert namespaces & {"ingress-nginx", "gateway-system"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -445,7 +639,7 @@ def test_configmap_is_a_valid_gateway_configuration(overlay, monkeypatch) -> Non
     assert settings.engine_attention_backend == "raas"
     # Budget-aware admission is in the plugin; a global clip would under-reserve dense.
     assert "SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION" not in data
-    if overlay == "gpu":
+    if is_gpu(overlay):
         assert settings.engine_device == "cuda"
         assert settings.kv_bytes_per_token == 32 * 8 * 128 * 2 * 2
         assert "--mem-fraction-static" in settings.engine_extra_args
