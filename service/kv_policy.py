@@ -26,6 +26,8 @@ POLICY_NAMES: tuple[str, ...] = get_args(PolicyName)
 Aggregation = Literal["max", "mean"]
 AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 HEADER = "X-KV-Policy"
+# The policies whose eviction rule reads alpha (raas_backend/policies/raas.py).
+ALPHA_POLICIES = frozenset({"raas"})
 FIELD = "kv_policy"
 
 
@@ -248,10 +250,15 @@ def resolve(requested: KvPolicyRequest, limits: PolicyLimits) -> EffectivePolicy
     tuning = _tuning(requested)
     if name == "dense":
         return EffectivePolicy(name="dense", budget_tokens=None, alpha=None)
+    if name not in ALPHA_POLICIES:
+        # Nothing else reads alpha: echoing one would claim a setting that does nothing.
+        alpha = None
+    elif alpha is None:
+        alpha = limits.default_alpha
     return EffectivePolicy(
         name=name,  # type: ignore[arg-type]
         budget_tokens=budget if budget is not None else limits.default_budget,
-        alpha=float(alpha) if alpha is not None else limits.default_alpha,
+        alpha=None if alpha is None else float(alpha),
         **tuning,
     )
 

@@ -139,8 +139,8 @@ def test_stream_with_usage_and_header_policy(gw):
     assert text.strip()
     final = chunks[-1]
     assert final.choices == [] and final.usage.completion_tokens == 8
-    default_alpha = Settings.model_fields["kv_default_alpha"].default
-    assert_kv_cache(final.usage.kv_cache, "streaming", 128, default_alpha, final.usage)
+    # Only raas reads alpha: streaming echoes none.
+    assert_kv_cache(final.usage.kv_cache, "streaming", 128, None, final.usage)
 
 
 def test_openai_sampling_features_pass_through(gw):

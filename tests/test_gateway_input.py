@@ -596,3 +596,14 @@ def test_tools_reach_an_engine_that_parses_tool_calls():
             wait_ready(url, timeout_s=10)
             fields = {"tools": [WEATHER], "tool_choice": "required", "max_tokens": 1}
             assert httpx.post(f"{url}{CHAT}", json=body(**fields), timeout=30).status_code == 200
+
+
+# --- usage.kv_cache ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["raas", "h2o", "streaming", "quest", "dense"])
+def test_alpha_is_echoed_only_for_the_policy_that_uses_it(gw, policy):
+    fields = {"max_tokens": 1, "kv_policy": {"name": policy, "alpha": 0.5}}
+    resp = httpx.post(f"{gw}{CHAT}", json=body(**fields), timeout=30)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["kv_cache"]["alpha"] == (0.5 if policy == "raas" else None)

@@ -74,7 +74,8 @@ def test_defaults_fill_missing_fields():
     eff = kv_policy.resolve(KvPolicyRequest(), limits())
     assert eff == EffectivePolicy(name="raas", budget_tokens=2048, alpha=DEFAULT_ALPHA)
     eff = kv_policy.resolve(KvPolicyRequest(name="h2o", budget_tokens=256), limits())
-    assert (eff.name, eff.budget_tokens, eff.alpha) == ("h2o", 256, DEFAULT_ALPHA)
+    # Only raas reads alpha: the others carry none.
+    assert (eff.name, eff.budget_tokens, eff.alpha) == ("h2o", 256, None)
 
 
 def test_dense_has_no_budget_and_engine_gets_only_set_fields():
@@ -181,7 +182,7 @@ def test_body_fields_win_over_header():
     eff = kv_policy.resolve_request(
         {"budget_tokens": 128}, "name=h2o,budget_tokens=999,alpha=0.2", limits()
     )
-    assert (eff.name, eff.budget_tokens, eff.alpha) == ("h2o", 128, 0.2)
+    assert (eff.name, eff.budget_tokens, eff.alpha) == ("h2o", 128, None)
 
 
 def test_usage_merge_keeps_effective_values_and_takes_engine_numbers():

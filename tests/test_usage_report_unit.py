@@ -58,6 +58,12 @@ def usage_chunk() -> str:
     return f"data: {chunk.model_dump_json()}\n\n"
 
 
+@pytest.mark.parametrize("policy", ["h2o", "streaming", "quest", "dense"])
+def test_alpha_is_reported_only_for_the_policy_that_reads_it(policy):
+    assert ur.kv_cache_usage([{**STATS, "policy": policy}])["alpha"] is None
+    assert ur.kv_cache_usage([STATS])["alpha"] == STATS["alpha"]
+
+
 def test_kv_cache_usage_sums_choices_and_needs_every_report():
     assert ur.kv_cache_usage([STATS]) == KV
     two = ur.kv_cache_usage([STATS, STATS])

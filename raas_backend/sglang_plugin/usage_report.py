@@ -17,8 +17,12 @@ own channel for extra per-request output, `customized_info`:
   them) the final usage chunk gets it. With `n > 1` (or several prompts) the counts are
   summed over the choices.
 
-`usage.kv_cache` has the shape the gateway expects: policy, budget_tokens, alpha,
-peak_retained_tokens, dense_equivalent_tokens, evicted_pages. Every hook is a no-op
+`usage.kv_cache` has the shape the gateway expects: policy, budget_tokens, alpha (null
+for a policy that does not use it), peak_retained_tokens, dense_equivalent_tokens,
+evicted_pages. The two token counts count the same thing, positions whose K and V were
+written: dense-equivalent is every position a dense cache holds at the end (prompt +
+completion - 1 per choice, since the last sampled token is never fed back), peak-retained
+the most the policy held at once, so their ratio is the memory saved. Every hook is a no-op
 unless the engine runs the `raas` backend: the scheduler side checks for the runtime,
 the HTTP side for the key in the data (and the streaming wrappers for the server's
 attention backend).
@@ -40,6 +44,8 @@ META_KEY = "raas_kv_cache"
 USAGE_KEY = "kv_cache"
 POLICY_FIELDS = ("policy", "budget_tokens", "alpha")
 COUNT_FIELDS = ("peak_retained_tokens", "dense_equivalent_tokens", "evicted_pages")
+#: The policies whose eviction rule reads alpha.
+ALPHA_POLICIES = frozenset({"raas"})
 
 # --- scheduler process -------------------------------------------------------------
 
@@ -142,6 +148,9 @@ def kv_cache_usage(reported: Iterable[Any]) -> dict[str, Any] | None:
     if not stats or not all(isinstance(s, dict) for s in stats):
         return None
     usage = {field: stats[0].get(field) for field in POLICY_FIELDS}
+    if usage["policy"] not in ALPHA_POLICIES:
+        # Its configuration carries a default alpha, but nothing reads it.
+        usage["alpha"] = None
     for field in COUNT_FIELDS:
         usage[field] = sum(int(s.get(field) or 0) for s in stats)
     return usage
