@@ -441,17 +441,28 @@ def _window_tpot(trace: StreamTrace, lo: int, hi: int) -> float | None:
     return (t_hi[0] - t_lo[0]) / (t_hi[1] - t_lo[1])
 
 
+def each_backend(args: argparse.Namespace, run_one: Any) -> dict[str, Any]:
+    """run_one(backend) for stock and raas; one failing does not stop the other."""
+    out: dict[str, Any] = {}
+    for backend in (args.stock_backend, "raas"):
+        try:
+            out[backend] = run_one(backend)
+        except Exception as exc:
+            out[backend] = {"error": f"{type(exc).__name__}: {str(exc)[-3000:]}"}
+        log(f"{backend}: {str(out[backend])[:3000]}")
+    return out
+
+
 def stage_speed(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     windows = [(c - args.window, c) for c in args.contexts]
     early = (args.budget // 2, args.budget - 2 * args.prompt_len)
     windows = [early, *windows]
     ids = prompts(args.batch, args.prompt_len, 1, args.vocab)
-    res: dict[str, Any] = {"windows": windows, "batch": args.batch, "budget": args.budget}
-    for backend in (args.stock_backend, "raas"):
+
+    def one(backend: str) -> dict[str, Any]:
         extra = policy("raas", args.budget) if backend == "raas" else {}
-        with sglang(
-            args, backend, log_dir, model=args.model, extra=["--stream-interval", "32"]
-        ) as srv:
+        flags = ["--stream-interval", "32"]
+        with sglang(args, backend, log_dir, model=args.model, extra=flags) as srv:
             bodies = [sampled(p, args.max_context - args.prompt_len, extra) for p in ids]
             traces, threads = stream_threads(srv.url, bodies)
             t0 = time.monotonic()
@@ -460,24 +471,18 @@ def stage_speed(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             for t in threads:
                 t.join()
             wall = time.monotonic() - t0
-        errors = [tr.error for tr in traces if tr.error]
         per_window = {}
         for lo, hi in windows:
-            vals = [
-                v
-                for tr in traces
-                if (v := _window_tpot(tr, lo - args.prompt_len, hi - args.prompt_len))
-            ]
+            lo_n, hi_n = lo - args.prompt_len, hi - args.prompt_len
+            vals = [v for tr in traces if (v := _window_tpot(tr, lo_n, hi_n))]
             per_window[f"{lo}-{hi}"] = statistics.median(vals) * 1e3 if vals else None
-        res[backend] = {"tpot_ms": per_window, "wall_s": wall, "errors": errors[:3]}
-        log(f"speed {backend}: {per_window} wall {wall:.0f} s errors {len(errors)}")
-    res["ratio_stock_over_raas"] = {
-        k: (s / r if s and r else None)
-        for k, s, r in (
-            (k, res[args.stock_backend]["tpot_ms"][k], res["raas"]["tpot_ms"][k])
-            for k in res["raas"]["tpot_ms"]
-        )
-    }
+        errors = [tr.error for tr in traces if tr.error]
+        return {"tpot_ms": per_window, "wall_s": wall, "errors": errors[:3]}
+
+    res: dict[str, Any] = {"windows": windows, "batch": args.batch, "budget": args.budget}
+    res.update(each_backend(args, one))
+    s, r = res[args.stock_backend].get("tpot_ms", {}), res["raas"].get("tpot_ms", {})
+    res["ratio_stock_over_raas"] = {k: (s[k] / r[k] if s.get(k) and r.get(k) else None) for k in r}
     log(f"speed ratios (stock TPOT / raas TPOT): {res['ratio_stock_over_raas']}")
     return res
 
@@ -485,8 +490,8 @@ def stage_speed(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
 def stage_memory(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     pool = args.dense_fit * (args.memory_prompt + args.memory_output + PAGE)
     ids = prompts(args.memory_requests, args.memory_prompt, 2, args.vocab)
-    res: dict[str, Any] = {"pool_tokens": pool, "requests": args.memory_requests}
-    for backend in (args.stock_backend, "raas"):
+
+    def one(backend: str) -> dict[str, Any]:
         extra = policy("raas", args.budget) if backend == "raas" else {}
         flags = ["--max-total-tokens", str(pool), "--max-running-requests", "256",
                  "--stream-interval", "32"]  # fmt: skip
@@ -513,18 +518,22 @@ def stage_memory(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
             return max((n for t, n in tr.points if t <= when), default=0)
 
         produced = sum(tokens_at(tr, t_end) - tokens_at(tr, lo) for tr in traces)
-        res[backend] = {
+        return {
             "peak_running": peak_running,
             "output_tok_s": produced / (t_end - lo),
             "errors": [tr.error for tr in traces if tr.error][:3],
         }
-        log(f"memory {backend}: {res[backend]}")
+
+    res: dict[str, Any] = {"pool_tokens": pool, "requests": args.memory_requests}
+    res.update(each_backend(args, one))
     s, r = res[args.stock_backend], res["raas"]
-    res["concurrency_ratio"] = r["peak_running"] / s["peak_running"] if s["peak_running"] else None
-    res["throughput_ratio"] = r["output_tok_s"] / s["output_tok_s"] if s["output_tok_s"] else None
+    if s.get("peak_running") and r.get("peak_running"):
+        res["concurrency_ratio"] = r["peak_running"] / s["peak_running"]
+    if s.get("output_tok_s") and r.get("output_tok_s"):
+        res["throughput_ratio"] = r["output_tok_s"] / s["output_tok_s"]
     log(
-        f"memory ratios: concurrency x{res['concurrency_ratio']}, "
-        f"tokens/s x{res['throughput_ratio']}"
+        f"memory ratios: concurrency x{res.get('concurrency_ratio')}, "
+        f"tokens/s x{res.get('throughput_ratio')}"
     )
     return res
 

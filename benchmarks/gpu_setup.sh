@@ -11,6 +11,37 @@ layers="${RAAS_GPU_LAYERS:-4}"
 if [ ! -d "$site/sglang" ]; then
   mkdir -p "$site" && cat "$bundle"/sglang.tar.xz.* | tar -C "$site" -xJf - || return 1
 fi
+# SGLang 0.5.23's Llama MLP imports a Blackwell-only CuTe-DSL kernel module at build time
+# (srt/layers/dual_gemm.py), which needs nvidia-cutlass-dsl, left out of the bundle. On
+# Hopper the module only answers "not usable", so a stand-in that says so replaces it.
+dual="$site/sglang/kernels/ops/gemm/cutedsl_dual_gemm.py"
+if [ -f "$dual" ] && ! python3 -c "import cutlass" 2>/dev/null && ! grep -q raas-stand-in "$dual"; then
+  cat > "$dual" <<'PY'
+"""raas-stand-in: the Blackwell (sm100) dual GEMM is unavailable without nvidia-cutlass-dsl."""
+from enum import IntEnum
+
+MAX_DUAL_GEMM_DECODE_TOKENS = 16
+
+
+class DualGemmQuantMode(IntEnum):
+    STATIC_PER_TENSOR = 0
+    STATIC_PER_TOKEN = 1
+    DYNAMIC_PER_TENSOR = 2
+    DYNAMIC_PER_TOKEN = 3
+    UNQUANT = 4
+
+
+def can_use_dual_gemm(num_tokens, hidden_size, intermediate_size, quant_mode):
+    return False
+
+
+def dual_gemm_swiglu(*args, **kwargs):
+    raise RuntimeError("the sm100 dual GEMM needs nvidia-cutlass-dsl")
+
+
+dual_gemm_swiglu_fp8 = dual_gemm_swiglu
+PY
+fi
 mkdir -p "$model_root"
 cp -r "$models/llama8b-shape" "$model_root/" || return 1
 python3 - "$model_root" "$layers" <<'EOF'
