@@ -55,6 +55,33 @@ class KvPolicyRequest(BaseModel):
         return base.model_copy(update=self.model_dump(exclude_none=True))
 
 
+def request_json_schema() -> dict[str, Any]:
+    """`kv_policy` in the OpenAPI document: what `resolve` accepts, as far as JSON Schema
+    can say it (the budget's range depends on the server and the key; the server's is
+    written in by the app)."""
+    number = {"type": "number"}
+    return {
+        "anyOf": [
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "name": {"enum": list(POLICY_NAMES)},
+                    "budget_tokens": {"type": "integer"},
+                    "alpha": {**number, "minimum": 0, "exclusiveMaximum": 1},
+                    "head_agg": {"enum": list(AGGREGATIONS)},
+                    "layer_agg": {"enum": list(AGGREGATIONS)},
+                    "refresh_top_fraction": {**number, "minimum": 0, "maximum": 1},
+                    "recent_tokens": {"type": "integer", "minimum": 0},
+                },
+            },
+            {"type": "null"},
+        ],
+        "description": "The KV-cache policy and budget (docs/api.md); errors are 400s naming "
+        "the field",
+    }
+
+
 class EffectivePolicy(BaseModel):
     """What the engine is told to do. `dense` keeps every token, so it has no budget.
 

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from service.kv_policy import request_json_schema
+
 
 class _Strict(BaseModel):
     """Strict at the edge: "10" is not an integer and true is not 1 (a float field still
@@ -141,6 +143,10 @@ ResponseFormat = Annotated[
 ]
 
 
+def _kv_policy(schema: dict[str, Any]) -> None:
+    schema.update(request_json_schema())
+
+
 def _integral(value: Any) -> Any:
     # JSON Schema counts 1.0 as an integer; so does the gateway. 1.5, "1" and true are not.
     return int(value) if isinstance(value, float) and value.is_integer() else value
@@ -211,7 +217,7 @@ class ChatCompletionRequest(_Strict):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
     # Validated by kv_policy.py so that every problem in it is a 400 naming the field.
-    kv_policy: Any = None
+    kv_policy: Any = Field(default=None, json_schema_extra=_kv_policy)
 
 
 class ModelCard(BaseModel):

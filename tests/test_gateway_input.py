@@ -461,6 +461,13 @@ def test_the_openapi_schema_accepts_exactly_what_the_gateway_accepts(stub):
             {"response_format": {"type": "json_object"}},
             {"stop": ["a", "b"], "seed": None, "user": "u", "store": True},
             {"seed": 7},
+            {"kv_policy": {"name": "raas", "budget_tokens": 64, "alpha": 0.5}},
+            {"kv_policy": {"name": "lru"}},
+            {"kv_policy": {"budget_tokens": 31}},
+            {"kv_policy": {"alpha": 1}},
+            {"kv_policy": {"head_agg": "sum"}},
+            {"kv_policy": {"frob": 1}},
+            {"kv_policy": "raas"},
         ]
         for fields in cases:
             resp = httpx.post(f"{url}{CHAT}", json=body(**fields), timeout=30)

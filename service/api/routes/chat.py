@@ -73,6 +73,11 @@ def document_limits(doc: dict[str, Any], settings: Settings) -> None:
     for name in ("max_tokens", "max_completion_tokens"):
         fields[name]["maximum"] = settings.max_tokens_limit
     fields["n"]["maximum"] = settings.max_n
+    policy = fields["kv_policy"]["anyOf"][0]["properties"]
+    policy["name"]["enum"] = list(settings.kv_allowed_policies)
+    budget = policy["budget_tokens"]
+    budget["minimum"] = settings.kv_min_budget_tokens
+    budget["maximum"] = settings.kv_max_budget_tokens
     if not settings.engine_honours_seed:
         fields["seed"] = {"type": "null", "description": "Not supported here (a 400)"}
 
