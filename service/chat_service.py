@@ -148,6 +148,7 @@ class ChatService:
                 )
                 # From here the relay owns the ticket and releases it when the stream ends.
                 handed_off = True
+                self._drain.track(relay)
                 return RelayResponse(relay, headers=headers)
             data = sent
         except ClientDisconnected:
@@ -259,10 +260,11 @@ class ChatService:
             raise errors.client_closed() from None
 
     async def _stream_done(self, call: Call, relay: StreamRelay, disconnected: bool) -> None:
+        self._drain.untrack(relay)
         if call.ticket is not None:
             call.ticket.release()
         result = relay.result
-        if result.outcome in ("client_disconnected", "upstream_timeout"):
+        if result.outcome in ("client_disconnected", "upstream_timeout", "shutting_down"):
             self._abort(call, result.outcome)
         if result.outcome != "success":
             self._outcome(call, result.outcome)

@@ -5,9 +5,11 @@ Service's endpoints; requests routed before that lands still arrive for a moment
 uvicorn closes its socket at once (those requests get connection refused) and gives open
 streams only `timeout_graceful_shutdown`. Here the first signal only flips `Drain`: new
 chat requests get a 503 the client can retry elsewhere, readiness reports 503, and the
-server keeps running until nothing is in flight or `drain_timeout_s` has passed. Then
-uvicorn's own shutdown runs (the lifespan stops the engine). A second signal cuts the
-drain short.
+server keeps running until nothing is in flight or `drain_timeout_s` has passed. Streams
+still open then are cut by the gateway itself: each ends with an error event (code
+`shutting_down`) and `data: [DONE]`, as a cut stream must, instead of a connection that
+uvicorn's shutdown cancels mid-chunk. Then uvicorn's own shutdown runs (the lifespan stops
+the engine). A second signal cuts the drain short.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import signal
 import time
 from types import FrameType
+from typing import Protocol
 
 import structlog
 import uvicorn
@@ -22,12 +25,36 @@ from fastapi import FastAPI
 
 log = structlog.get_logger(__name__)
 
+# After the cut, how long the cut streams get to send their last event and clean up.
+CUT_GRACE_S = 5.0
+
+
+class Cuttable(Protocol):
+    def cut(self) -> None: ...
+
 
 class Drain:
-    """Whether the gateway is draining; shared by the server and the request path."""
+    """Whether the gateway is draining, and the open streams a drain may have to cut;
+    shared by the server and the request path."""
 
     def __init__(self) -> None:
         self.started_at: float | None = None
+        self.cut_at: float | None = None
+        self._streams: set[Cuttable] = set()
+
+    def track(self, stream: Cuttable) -> None:
+        self._streams.add(stream)
+
+    def untrack(self, stream: Cuttable) -> None:
+        self._streams.discard(stream)
+
+    def cut_streams(self) -> int:
+        """End every open stream now; returns how many there were."""
+        self.cut_at = time.monotonic()
+        streams = list(self._streams)
+        for stream in streams:
+            stream.cut()
+        return len(streams)
 
     @property
     def active(self) -> bool:
@@ -72,8 +99,12 @@ class DrainingServer(uvicorn.Server):
         started = self.drain.started_at
         if started is not None and not self.should_exit:
             busy = self._busy()
-            waited = time.monotonic() - started
-            if busy == 0 or waited >= self._timeout_s:
+            now = time.monotonic()
+            waited = now - started
+            if busy and waited >= self._timeout_s and self.drain.cut_at is None:
+                log.warning("gateway.drain_cut", streams=self.drain.cut_streams(), in_flight=busy)
+            cut_at = self.drain.cut_at
+            if busy == 0 or (cut_at is not None and now - cut_at >= CUT_GRACE_S):
                 log.info("gateway.drained", left_in_flight=busy, seconds=round(waited, 3))
                 self.should_exit = True
         return await super().on_tick(counter)

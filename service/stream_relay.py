@@ -59,6 +59,14 @@ def error_event(message: str, type_: str, code: str, param: str | None = None) -
     return sse(body.model_dump_json())
 
 
+# The end of a stream the drain cut; docs/api.md documents it.
+_CUT_EVENT = error_event(
+    "The server is shutting down; the stream was cut before it finished",
+    "server_error",
+    "shutting_down",
+)
+
+
 def normalize_engine_error(payload: Any) -> bytes:
     detail = payload.get("error") if isinstance(payload, dict) else None
     if not isinstance(detail, dict):
@@ -107,7 +115,15 @@ class StreamRelay:
         self._include_usage = include_usage
         self._on_finish = on_finish
         self._finish_called = False
+        self._cut = False
         self.result = StreamResult()
+
+    def cut(self) -> None:
+        """End the stream now (the server is shutting down): the pending read fails and
+        the client gets a `shutting_down` error event and `[DONE]`."""
+        if not self.result.finished:
+            self._cut = True
+            self._upstream.close()
 
     async def events(self) -> AsyncIterator[bytes]:
         """The client's stream, one item per write. The last item ends with `[DONE]` and
@@ -137,14 +153,9 @@ class StreamRelay:
                 if self.result.outcome != "engine_error":
                     self.result.outcome = "success"
             else:
-                self.result.outcome = "engine_unavailable"
-                tail = [
-                    error_event(
-                        "The inference engine closed the stream before it finished",
-                        "server_error",
-                        "engine_unavailable",
-                    )
-                ]
+                tail = self._ended_early(
+                    "The inference engine closed the stream before it finished"
+                )
         except EngineTimeout:
             self.result.outcome = "upstream_timeout"
             tail = [
@@ -155,16 +166,18 @@ class StreamRelay:
                 )
             ]
         except EngineUnavailable:
-            self.result.outcome = "engine_unavailable"
-            tail = [
-                error_event(
-                    "The inference engine connection failed mid-stream",
-                    "server_error",
-                    "engine_unavailable",
-                )
-            ]
+            tail = self._ended_early("The inference engine connection failed mid-stream")
         self.result.finished = True
         yield b"".join(tail) + DONE
+
+    def _ended_early(self, message: str) -> list[bytes]:
+        """The last event of a stream that ended before the engine's `[DONE]`: cut by the
+        drain (the relay closed the engine's connection itself), or lost."""
+        if self._cut:
+            self.result.outcome = "shutting_down"
+            return [_CUT_EVENT]
+        self.result.outcome = "engine_unavailable"
+        return [error_event(message, "server_error", "engine_unavailable")]
 
     def _needs_parse(self, data: bytes) -> bool:
         return (

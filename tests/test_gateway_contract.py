@@ -787,6 +787,42 @@ def test_drain_finishes_in_flight_refuses_new_then_stops(engine):
         wait_for(lambda: servers[0].should_exit, 5)
 
 
+def test_a_drain_that_runs_out_cuts_streams_with_an_error_event_and_done(engine):
+    """A stream still open when the drain times out ends as a complete response with
+    the `shutting_down` error event and `[DONE]`, is aborted in the engine, and the
+    server then stops; uvicorn's shutdown would cancel it mid-chunk instead."""
+    fake, engine_url = engine
+    app = create_app(
+        Settings(engine_mode="remote", engine_url=engine_url, engine_health_interval_s=0.1)
+    )
+    servers: list[DrainingServer] = []
+
+    def make_server(config):
+        servers.append(DrainingServer(config, app, timeout_s=0.5))
+        return servers[-1]
+
+    with (
+        serve_app(app, make_server=make_server) as url,
+        held(fake, "stall"),
+        httpx.stream(
+            "POST",
+            f"{url}/v1/chat/completions",
+            json={"model": MODEL, "messages": say("stall-mid-stream"), "stream": True},
+            timeout=30,
+        ) as resp,
+    ):
+        lines = resp.iter_lines()
+        events = [next(line for line in lines if line.startswith("data: "))]
+        rid = json.loads(events[0][6:])["id"]
+        servers[0].handle_exit(signal.SIGTERM, None)
+        events += [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]", events
+        error = json.loads(events[-2][6:])["error"]
+        assert error["code"] == "shutting_down" and error["type"] == "server_error"
+        wait_for(lambda: rid in fake.aborts)
+        wait_for(lambda: servers[0].should_exit, 5)
+
+
 def test_openapi_references_all_resolve(gw):
     """Schema-driven clients and fuzzers must be able to follow every `$ref`."""
     doc = httpx.get(f"{gw}/openapi.json").json()
