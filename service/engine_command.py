@@ -29,6 +29,11 @@ class EngineOptions:
     context_length: int | None = None
     mem_fraction_static: float | None = None
     enable_metrics: bool = True
+    # SGLang's scheduler polls for work in a busy loop: an idle engine keeps a core busy.
+    # With the flag it waits on its sockets instead, woken by the next request
+    # (docs/operations.md, "What runs in a pod"). None: on for the CPU, where that core is
+    # the one inference needs; SGLang's default on a GPU host.
+    sleep_on_idle: bool | None = None
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     def resolved_device(self) -> str:
@@ -78,5 +83,7 @@ def build_engine_command(opts: EngineOptions) -> list[str]:
         cmd += ["--context-length", str(opts.context_length)]
     if opts.enable_metrics:
         cmd.append("--enable-metrics")
+    if opts.sleep_on_idle or (opts.sleep_on_idle is None and device == "cpu"):
+        cmd.append("--sleep-on-idle")
     cmd += list(opts.extra_args)
     return cmd

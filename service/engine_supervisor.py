@@ -183,6 +183,7 @@ class EmbeddedEngine:
             dtype=s.engine_dtype,
             max_total_tokens=s.engine_max_total_tokens,
             enable_metrics=True,
+            sleep_on_idle=s.engine_sleep_on_idle,
             extra_args=("--served-model-name", s.model_name, *s.engine_extra_args),
         )
         return build_engine_command(opts)

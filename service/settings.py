@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     engine_device: str = "auto"
     engine_max_total_tokens: int | None = Field(default=16384, ge=1)
     engine_extra_args: list[str] = Field(default_factory=list)
+    # SGLang's --sleep-on-idle; None: on for the CPU only (see EngineOptions).
+    engine_sleep_on_idle: bool | None = None
     # None: the engine inherits the gateway's stdout/stderr (what containers want).
     engine_log_file: Path | None = None
     engine_start_timeout_s: float = Field(default=600.0, gt=0)

@@ -50,6 +50,11 @@ def small_pool_server(bundled_model_path, tmp_path_factory):
         max_total_tokens=POOL_TOKENS,
         context_length=2048,
         max_running_requests=8,
+        # The four generations of one batched request must reach the scheduler in one
+        # receive: a scheduler sleeping on its socket wakes at the first and may admit
+        # the rest a step later, when this small pool no longer has room to run them
+        # beside the first ones (the order the peak is read from).
+        sleep_on_idle=False,
         env={"SGLANG_CHECK_KV_PAGE_INVARIANTS": "1"},
     ) as srv:
         yield srv
