@@ -14,7 +14,8 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-_ROTARY_MODULES = ("sglang.srt.layers.rotary_embedding.base",)
+#: The module flag set here; declared with the plugin's other hooks in hook_table.py.
+ROTARY_CPU_FLAG = "sglang.srt.layers.rotary_embedding.base._is_cpu"
 
 
 def cuda_present() -> bool:
@@ -27,8 +28,7 @@ def enable_cpu_execution() -> bool:
     """Select SGLang's torch fallbacks when no CUDA device exists. Returns True if applied."""
     if cuda_present():
         return False
-    for name in _ROTARY_MODULES:
-        module = importlib.import_module(name)
-        module._is_cpu = True
+    module_name, _, flag = ROTARY_CPU_FLAG.rpartition(".")
+    setattr(importlib.import_module(module_name), flag, True)
     logger.info("raas plugin: no CUDA device, SGLang rotary embedding set to its CPU path")
     return True
