@@ -77,8 +77,10 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
                 "logit soft-capping models yet: use --attention-backend flashinfer"
             )
         self.runtime = activate_runtime()
-        self.page_size = self.runtime.defaults.page_size
-        self.pages_cap = pages_cap(self.page_size)
+        # SGLang's own `page_size` (token slots per page, 1) stays the parent's.
+        self.raas_page_size = self.runtime.defaults.page_size
+        self.pages_cap = pages_cap(self.raas_page_size)
+        _check_kernel_limits(self.raas_page_size, model_runner)
         self.max_rows = model_runner.req_to_token_pool.size
         updater = self.indices_updater_decode
         self.num_qo_heads = updater.num_qo_heads
@@ -98,6 +100,9 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
         self.page_indptr = torch.zeros(self.max_rows + 2, dtype=torch.int32, device=self.device)
         self.scoring = False
         self.decode_bs = 0
+        # Host-side ones: FlashInfer's plan reads last_page_len on the host, and a device
+        # tensor there would cost a synchronisation every step.
+        self.last_page_len_host = torch.ones(self.max_rows + 1, dtype=torch.int32).pin_memory()
 
     # -- metadata ---------------------------------------------------------------------
 
@@ -107,7 +112,7 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
             return
         self._plan_decode(forward_batch, self.decode_wrappers, graph=False)
         self.forward_metadata = DecodeMetadata(self.decode_wrappers)
-        self.scores.begin_step()
+        self.scores.begin_step(forward_batch.batch_size * self.pages_cap)
 
     def init_forward_metadata_out_graph(
         self, forward_batch: ForwardBatch, in_capture: bool = False
@@ -129,7 +134,7 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
 
     def init_forward_metadata_in_graph(self, forward_batch: ForwardBatch) -> None:
         if forward_batch.forward_mode.is_decode():
-            self.scores.begin_step()
+            self.scores.begin_step(forward_batch.batch_size * self.pages_cap)
         else:
             super().init_forward_metadata_in_graph(forward_batch)
 
@@ -153,8 +158,11 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
             # Dummy rows: no request is tracked; attend them densely.
             rows, states = [0] * bs, [None] * bs
         else:
-            rows, states = self.runtime.step_batch()
-            real = bs - int(getattr(fb, "num_padding", 0) or 0)
+            taken = self.runtime.take_step_batch()
+            # A decode forward no scheduler step announced (SGLang's warm-up and autotune
+            # dummy runs): no request is tracked, attend densely, report no scores.
+            rows, states = taken if taken is not None else ([0] * bs, [None] * bs)
+            real = bs - int(getattr(fb, "num_padding", 0) or 0) if taken is not None else bs
             if len(rows) != real:
                 raise RuntimeError(
                     f"raas: the scheduler listed {len(rows)} decode requests, the forward "
@@ -163,6 +171,11 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
             # CUDA-graph padding rows: one dummy position each, output discarded.
             rows, states = list(rows) + [0] * (bs - real), list(states) + [None] * (bs - real)
         lists = build_step_lists(rows, seq_lens, states)
+        if lists.max_pages_per_request > self.pages_cap:
+            raise RuntimeError(
+                f"raas: a request lists {lists.max_pages_per_request} scored pages, more than "
+                f"the {self.pages_cap} RAAS_MAX_BUDGET_TOKENS sizes the kernels for"
+            )
         wrapper = wrappers[0]
         rtt = self.req_to_token_pool.req_to_token
         if graph:
@@ -172,7 +185,7 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
         wrapper.begin_forward(
             lists.kv_indptr,
             kv_indices,
-            self.kv_last_page_len[:bs],
+            self.last_page_len_host[:bs],
             self.num_qo_heads,
             self.num_kv_heads,
             self.head_dim,
@@ -215,6 +228,11 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
     ) -> torch.Tensor:
         if layer.is_cross_attention:
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        if layer.logit_cap:
+            raise ValueError(
+                "raas scores pages from exact softmax probabilities and does not serve "
+                "logit soft-capping models yet: use --attention-backend flashinfer"
+            )
         wrapper = self.forward_metadata.decode_wrappers[0]
         if k is not None and save_kv_cache:
             self.token_to_kv_pool.set_kv_buffer(
@@ -245,7 +263,7 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
         # Static page capacity for this batch size: a graph replays these shapes.
         limit = bs * self.pages_cap
         layout = PageLayout(
-            page_size=self.page_size,
+            page_size=self.raas_page_size,
             scored_start=self.scored_start[:bs],
             page_indptr=self.page_indptr[: bs + 1],
             num_pages=limit,
@@ -258,21 +276,43 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
             wrapper._paged_kv_indices_buf,
             lse,
             layout,
-            layer.scaling,
+            # FlashInfer folds k_scale into the logits' scale; the LSE includes it.
+            layer.scaling * (layer.k_scale_float or 1.0),
             out=self.scores.mass[:limit],
         )
         self.scores.add_layer(limit)
         return o.view(-1, layer.tp_q_head_num * layer.head_dim)
 
 
+def _check_kernel_limits(page_size: int, model_runner: ModelRunner) -> None:
+    """What the page-mass kernel needs, refused at start rather than at a graph capture."""
+    import os
+
+    problems = []
+    if page_size & (page_size - 1):
+        problems.append(f"RAAS_PAGE_SIZE a power of two (got {page_size})")
+    head_dim = model_runner.model_config.head_dim
+    if head_dim & (head_dim - 1):
+        problems.append(f"a power-of-two head_dim (this model has {head_dim})")
+    if os.environ.get("SGLANG_USE_HND_KVCACHE", "").lower() in ("1", "true"):
+        problems.append("the NHD KV layout (unset SGLANG_USE_HND_KVCACHE)")
+    if os.environ.get("SGLANG_ENABLE_METADATA_GLUE_GRAPH", "").lower() in ("1", "true"):
+        problems.append(
+            "its step lists built on the host (unset SGLANG_ENABLE_METADATA_GLUE_GRAPH)"
+        )
+    if problems:
+        raise ValueError("raas on CUDA needs " + "; ".join(problems))
+
+
 def _tensor_parallel() -> tuple[int, object | None]:
     """(tp size, all_reduce(tensor, op)) over SGLang's tensor-parallel group."""
-    from sglang.srt.distributed import get_tensor_model_parallel_world_size, get_tp_group
+    from sglang.srt.runtime_context import get_parallel
 
-    size = get_tensor_model_parallel_world_size()
+    parallel = get_parallel()
+    size = parallel.tp_size
     if size == 1:
         return 1, None
-    group = get_tp_group().device_group
+    group = parallel.tp_group.device_group
     ops = {"max": torch.distributed.ReduceOp.MAX, "sum": torch.distributed.ReduceOp.SUM}
 
     def all_reduce(t: torch.Tensor, op: str) -> None:

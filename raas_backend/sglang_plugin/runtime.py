@@ -103,10 +103,22 @@ class RaasRuntime:
     #: The last decode forward's page scores, folded in at the next step's bookkeeping.
     pending_scores: Any = None
 
+    #: Whether the recorded batch is still to be planned (each is planned once).
+    decode_pending: bool = False
+
     def set_step_batch(self, rows: list[int], states: list[RequestKV]) -> None:
         self.decode_rows, self.decode_states = rows, states
+        self.decode_pending = True
 
     def step_batch(self) -> tuple[list[int], list[RequestKV]]:
+        return self.decode_rows, self.decode_states
+
+    def take_step_batch(self) -> tuple[list[int], list[RequestKV]] | None:
+        """The batch the scheduler announced, once; None for a forward it did not
+        announce (SGLang's warm-up and autotune dummy decodes)."""
+        if not self.decode_pending:
+            return None
+        self.decode_pending = False
         return self.decode_rows, self.decode_states
 
     def fold_pending_scores(self) -> None:
@@ -182,7 +194,15 @@ def activate_runtime() -> RaasRuntime:
     """Called by the `raas` backend's constructor: from then on the hooks act."""
     global _RUNTIME
     if _RUNTIME is None:
-        _RUNTIME = RaasRuntime(defaults=defaults_from_env())
+        defaults = defaults_from_env()
+        limit = max_budget_tokens()
+        if defaults.name != "dense" and defaults.budget_tokens > limit:
+            raise PolicyConfigError(
+                "budget_tokens",
+                f"RAAS_DEFAULT_BUDGET_TOKENS={defaults.budget_tokens} is over "
+                f"{MAX_BUDGET_ENV}={limit}",
+            )
+        _RUNTIME = RaasRuntime(defaults=defaults)
     return _RUNTIME
 
 

@@ -50,9 +50,10 @@ class StepScores:
         self.acc = torch.zeros(4, self.max_pages, dtype=torch.float32, device=device)
         self.layers = 0
 
-    def begin_step(self) -> None:
-        """Zero the accumulators (recorded inside a CUDA graph when called there)."""
-        self.acc.zero_()
+    def begin_step(self, limit: int | None = None) -> None:
+        """Zero the accumulators' first `limit` columns (all: None); recorded inside a
+        CUDA graph when called there."""
+        self.acc[:, :limit].zero_()
 
     def add_layer(self, limit: int) -> None:
         """Fold one layer's mass (`self.mass`, its first `limit` rows: a static bound on
