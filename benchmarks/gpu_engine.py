@@ -444,7 +444,8 @@ def _window_tpot(trace: StreamTrace, lo: int, hi: int) -> float | None:
 def each_backend(args: argparse.Namespace, run_one: Any) -> dict[str, Any]:
     """run_one(backend) for stock and raas; one failing does not stop the other."""
     out: dict[str, Any] = {}
-    for backend in (args.stock_backend, "raas"):
+    order = ("raas", args.stock_backend) if args.raas_first else (args.stock_backend, "raas")
+    for backend in order:
         try:
             out[backend] = run_one(backend)
         except Exception as exc:
@@ -573,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-output", type=int, default=32768)
     p.add_argument("--memory-requests", type=int, default=128)
     p.add_argument("--memory-seconds", type=float, default=60)
+    p.add_argument("--raas-first", action="store_true", help="run raas before stock")
     p.add_argument("--out", default="gpu_engine.json")
     p.add_argument("--log-dir", default="gpu_engine_logs")
     args = p.parse_args(argv)
