@@ -41,7 +41,7 @@ Engine (supervision, and SGLang's own /metrics re-exported at each scrape)
 - raas_engine_ready                                 gauge     1 when the engine serves requests
 - raas_engine_restarts_total                        counter   embedded engine restarts
 - raas_engine_aborts_total{reason}                  counter   aborts sent to the engine:
-  client_disconnected, upstream_timeout
+  client_disconnected, upstream_timeout, shutting_down
 - raas_engine_up                                    gauge     1 when the engine's /metrics answered
 - raas_engine_running_requests                      gauge     sglang:num_running_reqs
 - raas_engine_queued_requests                       gauge     sglang:num_queue_reqs
@@ -54,6 +54,12 @@ Engine (supervision, and SGLang's own /metrics re-exported at each scrape)
 - raas_engine_prompt_tokens_total                   counter   sglang:prompt_tokens_total
 - raas_engine_generation_tokens_total               counter   sglang:generation_tokens_total
 - raas_engine_aborted_requests_total                counter   sglang:num_aborted_requests_total
+
+Every labelled series above whose labels are known in advance (policies, stream flags,
+rejection and abort reasons) exists at zero from start-up, and so do the engine's
+counters while its /metrics answers: a counter series born already incremented reads as
+flat to rate(), and a missing one leaves panels and alerts without data until the first
+event.
 
 Info
 - raas_gateway_info{model,engine_mode,attention_backend} gauge constant 1
@@ -72,6 +78,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from service.admission import RejectReason
 from service.kv_policy import POLICY_NAMES, KvCacheUsage
 
 log = structlog.get_logger(__name__)
@@ -116,6 +123,8 @@ TOKEN_LATENCY_BUCKETS = (
 )
 QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60)
 RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+# Reasons the gateway aborts a request in the engine (chat_service's _abort).
+ABORT_REASONS = ("client_disconnected", "upstream_timeout", "shutting_down")
 KV_TOKEN_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
@@ -226,10 +235,12 @@ class EngineMetricsCollector(Collector):
             family.add_metric([], used * self.bytes_per_token)
             yield family
         for counter in ENGINE_COUNTERS:
-            if counter.source in self.snapshot:
-                cfamily = CounterMetricFamily(counter.name, counter.help)
-                cfamily.add_metric([], self.snapshot[counter.source])
-                yield cfamily
+            # SGLang creates a counter's series at its first event (its aborted-requests
+            # counter stays absent until an abort): an engine that answered and lacks
+            # one has counted nothing yet.
+            cfamily = CounterMetricFamily(counter.name, counter.help)
+            cfamily.add_metric([], self.snapshot.get(counter.source, 0.0))
+            yield cfamily
 
 
 class GatewayMetrics:
@@ -390,21 +401,17 @@ class GatewayMetrics:
         self._dense_sum: dict[str, float] = defaultdict(float)
         self._restarts_seen = 0
         self._by_policy: dict[str, _PolicySeries] = {}
-        # Pre-create the policy series so dashboards see zeros instead of gaps, and so
-        # that rate() sees a request's first increment: a counter whose series first
-        # appears already incremented reads as flat (the per-request panels divide by
-        # raas_kv_reported_requests_total and stayed empty after the first requests).
+        # Pre-create the series whose labels are known, so dashboards and alerts see
+        # zeros instead of gaps, and so that rate() sees the first increment: a counter
+        # whose series first appears already incremented reads as flat (the per-request
+        # panels divide by raas_kv_reported_requests_total and stayed empty after the
+        # first requests; the first 429s and aborts after a start never showed).
         for policy in POLICY_NAMES:
-            for counter in (
-                self.kv_requests,
-                self.kv_reported,
-                self.kv_retained_tokens,
-                self.kv_dense_tokens,
-                self.kv_retained_bytes,
-                self.kv_dense_bytes,
-                self.kv_evicted_pages,
-            ):
-                counter.labels(policy)
+            self._series(policy)
+        for reason in RejectReason:
+            self.admission_rejections.labels(reason.value)
+        for abort_reason in ABORT_REASONS:
+            self.engine_aborts.labels(abort_reason)
 
     def set_bytes_per_kv_token(self, value: int | None) -> None:
         self.bytes_per_kv_token = value

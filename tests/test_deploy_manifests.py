@@ -1080,6 +1080,50 @@ def test_dashboard_uses_only_exported_metrics() -> None:
         assert metric in used, metric
 
 
+def test_a_fresh_gateway_exports_every_series_the_dashboard_and_alerts_use() -> None:
+    """Before any request: a series born at its first event leaves panels and alerts
+    without data until then, and rate() reads its first increment as flat. The live
+    counterpart is tests/test_prometheus_live.py."""
+    from prometheus_client import generate_latest
+
+    from service.metrics import ENGINE_GAUGES, GatewayMetrics
+
+    metrics = GatewayMetrics(bytes_per_kv_token=1024)
+    metrics.gateway_info.labels("m", "embedded", "raas").set(1)
+    metrics.sync_engine_state(ready=True, restarts=0)
+    # An engine that has served nothing: SGLang reports its gauges, and creates a
+    # counter's series (aborted requests, tokens) only at its first event.
+    metrics.engine.update("".join(f"{g.source} 0\n" for g in ENGINE_GAUGES))
+    exported = set(
+        re.findall(r"^(raas_\w+?)(?:\{| )", generate_latest(metrics.registry).decode(), re.M)
+    )
+    used = {name for _, expr in dashboard_expressions() for name in metric_names(expr)}
+    used |= {name for rule in alert_rules() for name in metric_names(rule["expr"])}
+    # Every HTTP request creates its series, Prometheus's own scrape of /metrics first.
+    used.discard("raas_http_requests_total")
+    assert not used - exported, f"missing before traffic: {sorted(used - exported)}"
+
+
+def test_dashboard_selects_one_deployment() -> None:
+    """Two deployments in one Prometheus must not mix: every selector filters on the
+    namespace and job variables (their "All" is .*, which also matches compose's series
+    that have no namespace label)."""
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    assert variables["namespace"]["query"]["query"] == "label_values(raas_gateway_info, namespace)"
+    assert variables["job"]["query"]["query"] == (
+        'label_values(raas_gateway_info{namespace=~"$namespace"}, job)'
+    )
+    for name in ("namespace", "job"):
+        assert variables[name]["includeAll"] and variables[name]["allValue"] == ".*"
+    queries = [expr for _, expr in dashboard_expressions()]
+    queries.append(variables["policy"]["query"]["query"])
+    for expr in queries:
+        for match in re.finditer(r"\braas_[a-z0-9_]+\b(\{[^}]*\})?", expr):
+            selector = match.group(1) or ""
+            for matcher in ('namespace=~"$namespace"', 'job=~"$job"'):
+                assert matcher in selector, f"{match.group(0)} in {expr}"
+
+
 def test_dashboard_layout_and_datasource() -> None:
     board = dashboard()
     assert board["uid"] == "raas-serve"
