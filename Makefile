@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 # them (make install TEST_EXTRA=).
 TEST_EXTRA ?= ,test
 
-.PHONY: install prepare-model serve test test-fast soak loadtest lint format bench-cpu bench-gateway fidelity clean
+.PHONY: install prepare-model serve test test-fast soak loadtest lint format bench-cpu bench-gateway fidelity eval clean
 
 install: $(STAMP)
 
@@ -57,6 +57,18 @@ test-fast: install
 FIDELITY_TIME_LIMIT_MIN ?= 35
 fidelity: prepare-model
 	$(BIN)/python -m eval.study --time-limit-min $(FIDELITY_TIME_LIMIT_MIN)
+
+# Task accuracy per KV policy and budget (raas-eval; docs/fidelity.md, "Task accuracy") on
+# the bundled problem set, through the gateway at 127.0.0.1:8000: a running `make serve` is
+# used as it is, otherwise raas-eval starts one for the run and stops it after. Resumable:
+# rerunning continues in build/eval. Past EVAL_TIME_LIMIT_MIN it sends nothing new and
+# reports the problems every policy finished. EVAL_ARGS adds or overrides flags.
+EVAL_ARGS ?=
+EVAL_TIME_LIMIT_MIN ?= 25
+eval: prepare-model
+	$(BIN)/raas-eval --start-gateway --problems eval/data/accuracy/arithmetic.jsonl \
+		--limit 40 --policies dense raas streaming --budgets 32 64 --max-tokens 160 \
+		--concurrency 4 --time-limit-min $(EVAL_TIME_LIMIT_MIN) --out build/eval $(EVAL_ARGS)
 
 # The long soak of docs/reliability.md (`make test` runs the same test with 500 requests).
 SOAK_REQUESTS ?= 3000

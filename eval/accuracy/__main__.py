@@ -1,0 +1,5 @@
+import sys
+
+from eval.accuracy.cli import main
+
+sys.exit(main())
