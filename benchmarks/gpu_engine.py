@@ -578,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="gpu_engine.json")
     p.add_argument("--log-dir", default="gpu_engine_logs")
     args = p.parse_args(argv)
+    # A `timeout` or an operator's SIGTERM must still stop the engines (they run in their
+    # own sessions): exit through the context managers' clean-up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
