@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 from service import json_codec
 from service.disconnect_guard import DisconnectWatch
 from service.engine_client import EngineStream, EngineTimeout, EngineUnavailable
-from service.errors import ErrorBody, ErrorDetail
+from service.errors import ErrorBody, ErrorDetail, clean_engine_message
 from service.kv_policy import EffectivePolicy, KvCacheUsage
 
 log = structlog.get_logger(__name__)
@@ -73,11 +73,15 @@ def normalize_engine_error(payload: Any) -> bytes:
         detail = {"message": str(detail)}
     status = detail.get("code")
     is_client = isinstance(status, int) and 400 <= status < 500
+    # The same cleaning as a non-streamed engine error: no paths, dumps or Python
+    # messages reach the client, only the field they were about.
+    message, param = clean_engine_message(str(detail.get("message") or "engine error"))
+    given = detail.get("param")
     return error_event(
-        str(detail.get("message") or "engine error"),
+        message,
         "invalid_request_error" if is_client else "server_error",
         f"engine_error_{status}" if status is not None else "engine_error",
-        detail.get("param") if isinstance(detail.get("param"), str) else None,
+        given if isinstance(given, str) else param,
     )
 
 
