@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import subprocess
 import sys
@@ -125,6 +126,8 @@ def main() -> None:
     parser.add_argument("--gap-s", type=float, default=2.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    # A plain SIGTERM (a `timeout` running out) would skip the engines' clean-up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     bundled = prepare_model().path
     model = bundled
