@@ -197,3 +197,19 @@ def test_a_batch_that_disagrees_with_the_scheduler_stops(monkeypatch, fake_page_
     states = announce(be, [1, 3], prompt=4, steps=40)
     with pytest.raises(RuntimeError, match="listed 2 decode requests"):
         be.init_forward_metadata(decode_batch(3, [s.table.seq_len for s in states] + [9]))
+
+
+def test_budgets_past_the_kernels_capacity_are_refused_where_they_are_read(monkeypatch) -> None:
+    """RAAS_MAX_BUDGET_TOKENS sizes the graph's page grids: a request over it is a 400
+    (PolicyConfigError), and so is a server default over it, even for requests that send
+    no kv_policy and take the defaults whole; dense keeps no budget to bound."""
+    from raas_backend.policies import PolicyConfigError
+    from raas_backend.sglang_plugin.runtime import defaults_from_env, parse_custom_params
+
+    monkeypatch.setenv("RAAS_MAX_BUDGET_TOKENS", "4096")
+    with pytest.raises(PolicyConfigError, match="at most 4096"):
+        parse_custom_params({"kv_policy": {"budget_tokens": 4112}}, defaults_from_env())
+    assert parse_custom_params({"kv_policy": {"name": "dense"}}, defaults_from_env())
+    monkeypatch.setenv("RAAS_DEFAULT_BUDGET_TOKENS", "4112")
+    with pytest.raises(PolicyConfigError, match="RAAS_DEFAULT_BUDGET_TOKENS"):
+        defaults_from_env()

@@ -41,6 +41,12 @@ if TYPE_CHECKING:
     from sglang.srt.model_executor.model_runner import ModelRunner
 
 
+SOFT_CAP_REFUSED = (
+    "raas scores pages from exact softmax probabilities and does not serve logit "
+    "soft-capping models yet: use --attention-backend flashinfer"
+)
+
+
 def pages_cap(page_size: int) -> int:
     """Scored pages one request can list in a step: its budget's pages, the page being
     filled and the tail (see `kernels.batched_policy.min_capacity`)."""
@@ -72,10 +78,7 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
             )
         hf = model_runner.model_config.hf_config
         if getattr(hf, "attn_logit_softcapping", None):
-            raise ValueError(
-                "raas scores pages from exact softmax probabilities and does not serve "
-                "logit soft-capping models yet: use --attention-backend flashinfer"
-            )
+            raise ValueError(SOFT_CAP_REFUSED)
         self.runtime = activate_runtime()
         # SGLang's own `page_size` (token slots per page, 1) stays the parent's.
         self.raas_page_size = self.runtime.defaults.page_size
@@ -229,10 +232,7 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
         if layer.is_cross_attention:
             return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
         if layer.logit_cap:
-            raise ValueError(
-                "raas scores pages from exact softmax probabilities and does not serve "
-                "logit soft-capping models yet: use --attention-backend flashinfer"
-            )
+            raise ValueError(SOFT_CAP_REFUSED)
         wrapper = self.forward_metadata.decode_wrappers[0]
         if k is not None and save_kv_cache:
             self.token_to_kv_pool.set_kv_buffer(

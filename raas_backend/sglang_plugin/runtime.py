@@ -58,7 +58,9 @@ def defaults_from_env(environ: dict[str, str] | None = None) -> KVPolicyConfig:
                 raise PolicyConfigError(
                     name, f"{var}={environ[var]!r} is not a {kind.__name__}"
                 ) from exc
-    return KVPolicyConfig(**values)
+    # Checked where the defaults are read, so a request that sends no kv_policy (and
+    # takes them whole) is bounded as one that overrides them.
+    return within_budget_limit(KVPolicyConfig(**values), "RAAS_DEFAULT_BUDGET_TOKENS: ")
 
 
 def parse_custom_params(custom_params: Any, defaults: KVPolicyConfig) -> KVPolicyConfig:
@@ -69,12 +71,18 @@ def parse_custom_params(custom_params: Any, defaults: KVPolicyConfig) -> KVPolic
         raise PolicyConfigError(
             "", f"custom_params must be an object, got {type(custom_params).__name__}"
         )
-    config = KVPolicyConfig.from_dict(custom_params.get(CUSTOM_PARAMS_KEY), defaults)
+    return within_budget_limit(
+        KVPolicyConfig.from_dict(custom_params.get(CUSTOM_PARAMS_KEY), defaults)
+    )
+
+
+def within_budget_limit(config: KVPolicyConfig, source: str = "") -> KVPolicyConfig:
+    """`config` if its budget fits RAAS_MAX_BUDGET_TOKENS (dense has none to fit)."""
     limit = max_budget_tokens()
     if config.name != "dense" and config.budget_tokens > limit:
         raise PolicyConfigError(
             "budget_tokens",
-            f"expected at most {limit} (this server's {MAX_BUDGET_ENV}), "
+            f"{source}expected at most {limit} (this server's {MAX_BUDGET_ENV}), "
             f"got {config.budget_tokens}",
         )
     return config
@@ -194,15 +202,7 @@ def activate_runtime() -> RaasRuntime:
     """Called by the `raas` backend's constructor: from then on the hooks act."""
     global _RUNTIME
     if _RUNTIME is None:
-        defaults = defaults_from_env()
-        limit = max_budget_tokens()
-        if defaults.name != "dense" and defaults.budget_tokens > limit:
-            raise PolicyConfigError(
-                "budget_tokens",
-                f"RAAS_DEFAULT_BUDGET_TOKENS={defaults.budget_tokens} is over "
-                f"{MAX_BUDGET_ENV}={limit}",
-            )
-        _RUNTIME = RaasRuntime(defaults=defaults)
+        _RUNTIME = RaasRuntime(defaults=defaults_from_env())
     return _RUNTIME
 
 
