@@ -94,7 +94,8 @@ def build_step_lists(
             starts = torch.zeros(1, dtype=torch.int64)
             lens = torch.tensor([seq_len], dtype=torch.int64)
             pages = torch.full((1,), -1, dtype=torch.int64)
-            scored_start.append(seq_len)
+            listed = seq_len
+            scored_start.append(listed)
             page_indptr.append(page_indptr[-1])
         else:
             table = state.table
@@ -138,7 +139,7 @@ def build_step_lists(
         seg_start.append(starts)
         seg_len.append(lens)
         seg_page.append(pages)
-        indptr.append(indptr[-1] + int(lens.sum()))
+        indptr.append(indptr[-1] + listed)
     if not rows:
         empty = torch.zeros(0, dtype=torch.int64)
         seg_row = seg_start = seg_len = seg_page = [empty]
