@@ -966,7 +966,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.budgets = sorted(set(args.budgets))
     plans = make_plans(args)
     if args.model_path is None:
-        from service.bundled_model import prepare_model
+        from service.engine.bundled_model import prepare_model
 
         args.model_path = str(prepare_model().path)
 

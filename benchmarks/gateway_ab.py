@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             roots["candidate"] = ROOT
             labels["candidate"] = working_tree_label()
-        from service.bundled_model import prepare_model
+        from service.engine.bundled_model import prepare_model
 
         model_path = prepare_model().path
         engine_cpus, gateway_cpus = args.pin or (None, None)

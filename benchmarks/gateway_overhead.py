@@ -87,10 +87,10 @@ from benchmarks.cpu_decode import (  # noqa: E402
     terminate,
 )
 from benchmarks.hop_trace import hop_probe  # noqa: E402
-from service.chat_request import upstream_body  # noqa: E402
-from service.kv_policy import PolicyLimits, resolve_request  # noqa: E402
-from service.schemas import ChatCompletionRequest  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from service.chat.request import upstream_body  # noqa: E402
+from service.chat.kv_policy import PolicyLimits, resolve_request  # noqa: E402
+from service.api.schemas import ChatCompletionRequest  # noqa: E402
+from service.server.settings import Settings  # noqa: E402
 from tests.support.gateway_server import wait_ready  # noqa: E402
 from tests.support.sglang_server import (  # noqa: E402
     descendants,
@@ -907,7 +907,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gateway-overhead-") as tmp:
         workdir = Path(tmp)
         if args.model_path is None:
-            from service.bundled_model import prepare_model
+            from service.engine.bundled_model import prepare_model
 
             args.model_path = str(prepare_model().path)
         settings = Settings(model_name=MODEL_NAME, engine_mode="remote")

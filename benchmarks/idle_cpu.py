@@ -31,8 +31,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.bundled_model import prepare_model  # noqa: E402
-from service.engine_command import EngineOptions, build_engine_command  # noqa: E402
+from service.engine.bundled_model import prepare_model  # noqa: E402
+from service.engine.command import EngineOptions, build_engine_command  # noqa: E402
 from tests.support.sglang_server import (  # noqa: E402
     descendants,
     free_port,

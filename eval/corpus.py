@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from service.bundled_model import prepare_model
+    from service.engine.bundled_model import prepare_model
 
     torch.set_num_threads(2)
     model_path = prepare_model().path

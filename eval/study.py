@@ -3,6 +3,7 @@
     python -m eval.study                 # the full study: docs/fidelity.md + docs/fidelity/
     python -m eval.study --report-only   # rewrite docs/fidelity.md from results.json
     python -m eval.study --smoke --out D # the test suite's miniature, into D
+    python -m eval.study --rerun quest   # rerun one baseline everywhere, merge it in
 
 Stages, each a few batched runs (`eval.batched_runner`; row 0 is always dense):
 
@@ -12,9 +13,9 @@ Stages, each a few batched runs (`eval.batched_runner`; row 0 is always dense):
 2. Free running: greedy decoding from a prompt under each policy vs dense, first
    divergence position (before the budgets stage: it is short, and a time limit then
    cuts budget batches rather than it).
-3. Budgets: on every sequence, streaming, h2o, quest and the chosen raas at every
-   budget. The sequences not used for the choice are held out: the targets are checked
-   on all of them.
+3. Budgets: on every sequence, streaming, h2o, both quests (per KV group, the paper's,
+   and head-aggregated) and the chosen raas at every budget. The sequences not used for
+   the choice are held out: the targets are checked on all of them.
 
 A budget at or above the continuation length never evicts (and quest then attends
 everything), so it equals dense exactly and is reported without a run.
@@ -36,13 +37,23 @@ from eval import milestones, report
 from eval.batched_runner import BatchedPolicyRunner, BatchResult
 from eval.corpus import CORPUS_FILE, Sequence, distinct_ngrams, load_corpus
 from eval.fidelity_metrics import FidelityObserver, first_divergence
-from eval.grid import DENSE, FULL, SMOKE, Grid, at_budget, baseline, label, raas_variants
+from eval.grid import (
+    DENSE,
+    FULL,
+    QUEST_LAYER,
+    SMOKE,
+    Grid,
+    at_budget,
+    baseline,
+    label,
+    raas_variants,
+)
 from eval.grid import variant_key as variant_of
 from raas_backend.policies import KVPolicyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-BASELINES = ("streaming", "h2o", "quest")
+BASELINES = ("streaming", "h2o", "quest", QUEST_LAYER)
 CURVE_STRIDE = 8
 PROGRESS_EVERY = 256
 
@@ -246,6 +257,98 @@ def resume_study(
     return results
 
 
+def _label_old_quest(results: dict) -> None:
+    """Results written before quest had two variants hold the head-aggregated one under
+    the label "quest" (its config has no quest_selection): name it as it now is."""
+    for r in results["teacher_forced"]:
+        if r["policy"] == "quest" and "quest_selection" not in r["config"]:
+            r["config"]["quest_selection"] = "layer"
+            r["label"] = QUEST_LAYER
+            for rows in (results["free_running"], (results.get("curves") or {}).get("rows", [])):
+                for row in rows:
+                    if row["label"] == "quest":
+                        row["label"] = QUEST_LAYER
+
+
+def rerun_baselines(
+    model,
+    corpus: list[Sequence],
+    grid: Grid,
+    out_dir: Path,
+    names: tuple[str, ...],
+    time_limit_s: float | None = None,
+) -> dict:
+    """Rerun the baselines `names` (labels: a policy name or QUEST_LAYER) on every
+    sequence, budget and free-running prompt of an earlier run (its results.json in
+    `out_dir`) and put their rows in place of that run's. Each sequence is one batch of
+    dense and these rows; a row's figures depend only on its own policy and dense (rows
+    of a batch never interact), so they are what a whole new run would give them. The
+    milestone plot, drawn from the selection stage, is left as it is."""
+    results = json.loads((out_dir / "results.json").read_text())
+    if json.loads(json.dumps(asdict(grid))) != results["meta"]["grid"]:
+        raise ValueError(f"{out_dir / 'results.json'} was run on another grid; cannot rerun it")
+    _label_old_quest(results)
+    runner = BatchedPolicyRunner(model)
+    seqs = _study_sequences(corpus, grid)
+    sel_names = results["meta"]["selection_sequences"]
+    sb = grid.select_budget
+    out_of_time = _deadline_check(results, time_limit_s)
+    t0 = time.perf_counter()
+    for seq in seqs:
+        what = f"rerun of {', '.join(names)} on {seq.name}"
+        if out_of_time(what):
+            continue
+        configs = [DENSE] + [baseline(n, b) for b in grid.budgets for n in names]
+        _log(f"{what}: {len(configs)} rows")
+        res, obs = teacher_force(runner, seq, configs)
+        results["teacher_forced"] = [
+            r
+            for r in results["teacher_forced"]
+            if not (r["sequence"] == seq.name and r["label"] in names)
+        ]
+        for b, c in enumerate(configs[1:], start=1):
+            stage = "select" if seq.name in sel_names and c.budget_tokens == sb else "budgets"
+            results["teacher_forced"].append(_row_record(seq, stage, c, obs, res, b))
+        curves = results.get("curves") or {}
+        if curves.get("sequence") == seq.name:
+            curves["rows"] = [r for r in curves["rows"] if r["label"] not in names] + [
+                {
+                    "label": label(c),
+                    "budget": c.budget_tokens,
+                    "retained": res.retained_tokens[b][::CURVE_STRIDE],
+                    "attended": res.attended_tokens[b][::CURVE_STRIDE],
+                }
+                for b, c in enumerate(configs)
+                if b
+            ]
+    by_name = {s.name: s for s in seqs}
+    for name in grid.free_run_prompts:
+        seq = by_name.get(name)
+        if seq is None or out_of_time(f"free running of {', '.join(names)} from {name}"):
+            continue
+        configs = [DENSE] + [baseline(n, b) for b in grid.free_run_budgets for n in names]
+        _log(f"free running from {name}: {len(configs)} rows x {grid.free_run_tokens}")
+        res = runner.run(seq.prompt_ids, configs, grid.free_run_tokens)
+        results["free_running"] = [
+            r for r in results["free_running"] if not (r["prompt"] == name and r["label"] in names)
+        ]
+        for b, c in enumerate(configs[1:], start=1):
+            results["free_running"].append(
+                {
+                    "prompt": name,
+                    "label": label(c),
+                    "budget": c.budget_tokens,
+                    "first_divergence": first_divergence(res.tokens[b], res.tokens[0]),
+                    "distinct_4": distinct_ngrams(res.tokens[b]),
+                }
+            )
+    key = f"rerun {', '.join(names)}"
+    results["timing_s"][key] = time.perf_counter() - t0
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    report.plot_all(results, None, grid, out_dir)
+    return results
+
+
 def run_study(
     model, corpus: list[Sequence], grid: Grid, out_dir: Path, time_limit_s: float | None = None
 ) -> dict:
@@ -365,6 +468,14 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="run only the budget batches an earlier run's time limit skipped, and merge them",
     )
+    parser.add_argument(
+        "--rerun",
+        nargs="+",
+        default=None,
+        metavar="BASELINE",
+        help=f"rerun these baselines (of {', '.join(BASELINES)}) on an earlier run's "
+        "sequences, budgets and free-running prompts, and merge them in",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--corpus", type=Path, default=CORPUS_FILE)
     parser.add_argument(
@@ -380,7 +491,7 @@ def main(argv: list[str] | None = None) -> None:
     doc = args.doc or (args.out / "fidelity.md" if args.smoke else DOCS / "fidelity.md")
     results_file = args.out / "results.json"
     if not args.report_only:
-        from service.bundled_model import prepare_model
+        from service.engine.bundled_model import prepare_model
 
         torch.set_num_threads(args.threads)
         grid = SMOKE if args.smoke else FULL
@@ -389,10 +500,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.per_kind is not None:
             grid = replace(grid, sequences_per_kind=args.per_kind)
         limit = None if args.time_limit_min is None else 60 * args.time_limit_min
-        study = resume_study if args.resume else run_study
-        results = study(model, load_corpus(args.corpus), grid, args.out, limit)
+        corpus = load_corpus(args.corpus)
+        if args.rerun:
+            unknown = sorted(set(args.rerun) - set(BASELINES))
+            if unknown:
+                parser.error(f"--rerun: expected baselines of {BASELINES}, got {unknown}")
+            results = rerun_baselines(model, corpus, grid, args.out, tuple(args.rerun), limit)
+        else:
+            study = resume_study if args.resume else run_study
+            results = study(model, corpus, grid, args.out, limit)
         timing = results["timing_s"]
-        timing["total"] = timing.get("total", 0.0) if args.resume else 0.0
+        timing["total"] = timing.get("total", 0.0) if args.resume or args.rerun else 0.0
         timing["total"] += time.perf_counter() - start
         results_file.write_text(json.dumps(results, indent=1) + "\n")
     results = json.loads(results_file.read_text())

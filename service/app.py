@@ -16,19 +16,19 @@ import structlog
 from fastapi import APIRouter, FastAPI
 from fastapi.routing import APIRoute
 
-from service.admission import AdmissionController
+from service.api.api_keys import load_key_store
+from service.api.chat_dispatch import ChatDispatch
+from service.api.errors import install_error_handlers
 from service.api.routes import chat, health, metrics, models
-from service.api_keys import load_key_store
-from service.chat_dispatch import ChatDispatch
-from service.chat_service import ChatService
-from service.engine_client import EngineClient
-from service.engine_supervisor import EmbeddedEngine, make_engine_monitor
-from service.errors import install_error_handlers
-from service.graceful_drain import Drain
-from service.http_metrics import HttpMetricsMiddleware
-from service.metrics import GatewayMetrics
-from service.model_config import kv_bytes_per_token_from_dir
-from service.settings import Settings
+from service.chat.admission import AdmissionController
+from service.chat.completions import ChatService
+from service.engine.client import EngineClient
+from service.engine.model_config import kv_bytes_per_token_from_dir
+from service.engine.supervisor import EmbeddedEngine, make_engine_monitor
+from service.server.drain import Drain
+from service.server.http_metrics import HttpMetricsMiddleware
+from service.server.metrics import GatewayMetrics
+from service.server.settings import Settings
 
 log = structlog.get_logger(__name__)
 

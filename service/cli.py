@@ -1,6 +1,6 @@
 """`raas-serve`: prepare the bundled model, or serve the gateway (and its engine).
 
-Every option is also an environment variable (`RAAS_<OPTION>`, see service/settings.py);
+Every option is also an environment variable (`RAAS_<OPTION>`, see service/server/settings.py);
 a flag given on the command line wins over the environment.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service.kv_policy import POLICY_NAMES
+from service.chat.kv_policy import POLICY_NAMES
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -92,7 +92,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _prepare_model(args: argparse.Namespace) -> int:
-    from service.bundled_model import ModelPrepError, prepare_model
+    from service.engine.bundled_model import ModelPrepError, prepare_model
 
     try:
         prepared = prepare_model(args.cache_dir, force=args.force)
@@ -107,10 +107,10 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.graceful_drain import DrainingServer
-    from service.http_protocol import protocol_factory
-    from service.log_config import configure_logging
-    from service.settings import Settings
+    from service.server.drain import DrainingServer
+    from service.server.http_protocol import protocol_factory
+    from service.server.log_config import configure_logging
+    from service.server.settings import Settings
 
     overrides: dict[str, Any] = {
         name: value for name, value in vars(args).items() if name != "command" and value is not None
@@ -123,7 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_json)
 
     if settings.engine_mode == "embedded" and settings.model_path is None:
-        from service.bundled_model import ModelPrepError, prepare_model
+        from service.engine.bundled_model import ModelPrepError, prepare_model
 
         try:
             model_dir = prepare_model().path
@@ -132,7 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
         settings = settings.model_copy(update={"model_path": str(model_dir)})
 
-    from service.api_keys import ApiKeyError
+    from service.api.api_keys import ApiKeyError
 
     try:
         app = create_app(settings)
@@ -145,7 +145,7 @@ def _serve(args: argparse.Namespace) -> int:
         port=settings.port,
         http=protocol_factory(settings.http_header_timeout_s, settings.http_body_timeout_s),
         log_config=None,
-        # service.http_metrics writes the access line, as structured JSON and cheaper.
+        # service.server.http_metrics writes the access line, as structured JSON and cheaper.
         access_log=False,
         # The drain has already waited for in-flight requests; what is left after it (a
         # stream past the drain timeout) must not hold the engine's teardown hostage.

@@ -10,7 +10,7 @@
 - Docker: hadolint on both Dockerfiles; the images install exactly as the Makefile does.
 - Prometheus: `promtool check config`, `check rules`, `test rules`; every metric name in
   the alerts, the autoscaler, the adapter rules and the dashboard is one the gateway
-  exports (the docstring of service/metrics.py).
+  exports (the docstring of service/server/metrics.py).
 
 The external tools (kubectl, hadolint, promtool) skip their tests when missing on a
 developer's machine; under CI (CI=true) a missing tool fails instead. `.ci/run` installs
@@ -72,13 +72,13 @@ def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 @cache
 def exported_metrics() -> dict[str, str]:
-    """Metric name -> type, from the docstring of service/metrics.py (the one list)."""
-    import service.metrics
+    """Metric name -> type, from the docstring of service/server/metrics.py (the one list)."""
+    import service.server.metrics
 
     found: dict[str, str] = {}
     for match in re.finditer(
         r"^- (raas_\w+)(?:\{[^}]*\})?\s+(counter|gauge|histogram)\b",
-        service.metrics.__doc__ or "",
+        service.server.metrics.__doc__ or "",
         re.MULTILINE,
     ):
         found[match.group(1)] = match.group(2)
@@ -437,7 +437,7 @@ def test_deployment_runs_non_root_on_a_read_only_root(overlay: str) -> None:
 
 def overlay_settings(overlay: str, monkeypatch: pytest.MonkeyPatch):
     """The gateway's Settings as the overlay's ConfigMap configures them."""
-    from service.settings import Settings
+    from service.server.settings import Settings
 
     for name in list(os.environ):
         if name.startswith("RAAS_"):
@@ -472,7 +472,7 @@ PLANNED_DECODE_RATE = {"cpu": 4.0, "cuda": 10.0}
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_longest_non_streamed_answer_fits_the_upstream_timeout(overlay, monkeypatch) -> None:
     """A non-streamed answer arrives whole: the upstream timeout bounds its entire decode."""
-    from service.metrics import LATENCY_BUCKETS
+    from service.server.metrics import LATENCY_BUCKETS
 
     settings = overlay_settings(overlay, monkeypatch)
     longest_s = settings.max_tokens_limit / PLANNED_DECODE_RATE[settings.engine_device]
@@ -623,7 +623,7 @@ def test_deployment_references_rendered_config_and_secret(overlay: str) -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_configmap_is_a_valid_gateway_configuration(overlay, monkeypatch) -> None:
-    from service.settings import Settings
+    from service.server.settings import Settings
 
     data = config_data(overlay)
     for name in list(os.environ):
@@ -647,7 +647,7 @@ def test_configmap_is_a_valid_gateway_configuration(overlay, monkeypatch) -> Non
 
 def test_api_keys_secret_fails_closed() -> None:
     """The shipped key file turns auth on and matches no key until it is replaced."""
-    from service.api_keys import KeyStore, parse_keys_text
+    from service.api.api_keys import KeyStore, parse_keys_text
 
     text = (KUSTOMIZE / "base" / "secret-api-keys.json").read_text()
     keys = parse_keys_text(text)
@@ -909,7 +909,7 @@ def _seconds(duration: str) -> float:
 @pytest.mark.parametrize("files", [["compose.yaml"], ["compose.yaml", "compose.gpu.yaml"]])
 def test_compose_drain_uses_the_stop_grace_period(files: list[str]) -> None:
     """Without a preStop hook, the gateway's drain on SIGTERM is all a stream gets."""
-    from service.settings import Settings
+    from service.server.settings import Settings
 
     gateway: dict[str, Any] = {"environment": {}}
     for name in files:  # what `docker compose -f ... -f ...` merges
@@ -925,7 +925,7 @@ def test_compose_drain_uses_the_stop_grace_period(files: list[str]) -> None:
 
 @pytest.mark.parametrize("name", ["compose.yaml", "compose.gpu.yaml"])
 def test_compose_settings_are_real(name: str) -> None:
-    from service.settings import Settings
+    from service.server.settings import Settings
 
     for var in compose(name)["services"]["gateway"].get("environment", {}):
         if var.startswith("RAAS_"):
@@ -934,7 +934,7 @@ def test_compose_settings_are_real(name: str) -> None:
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
 def test_image_settings_are_real(dockerfile: str) -> None:
-    from service.settings import Settings
+    from service.server.settings import Settings
 
     for var in set(re.findall(r"\b(RAAS_[A-Z_]+)=", _instructions(dockerfile))):
         assert var in NON_SETTINGS_VARS or var[5:].lower() in Settings.model_fields, var
@@ -1066,7 +1066,7 @@ def test_alerts_cover_the_failure_modes_and_use_exported_metrics() -> None:
 
 def test_slo_buckets_exist() -> None:
     """le="2.5" in the SLO alerts must be a bucket boundary of the TTFT histogram."""
-    from service.metrics import LATENCY_BUCKETS
+    from service.server.metrics import LATENCY_BUCKETS
 
     boundaries = {str(float(b)) for b in LATENCY_BUCKETS}
     for rule in alert_rules():
@@ -1126,7 +1126,7 @@ def test_a_fresh_gateway_exports_every_series_the_dashboard_and_alerts_use() -> 
     counterpart is tests/test_prometheus_live.py."""
     from prometheus_client import generate_latest
 
-    from service.metrics import ENGINE_GAUGES, GatewayMetrics
+    from service.server.metrics import ENGINE_GAUGES, GatewayMetrics
 
     metrics = GatewayMetrics(bytes_per_kv_token=1024)
     metrics.gateway_info.labels("m", "embedded", "raas").set(1)

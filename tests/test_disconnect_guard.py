@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from service.admission import AdmissionController, Ticket
-from service.disconnect_guard import ClientDisconnected, until_disconnect
+from service.chat.admission import AdmissionController, Ticket
+from service.chat.disconnect_guard import ClientDisconnected, until_disconnect
 
 
 class FakeRequest:

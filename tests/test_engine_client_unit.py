@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from service.engine_client import EngineClient, EngineTimeout
+from service.engine.client import EngineClient, EngineTimeout
 
 # Far more than loopback socket buffers hold, so the body's write blocks.
 BIG_BODY = {"model": "m", "messages": [{"role": "user", "content": "x" * (48 << 20)}]}

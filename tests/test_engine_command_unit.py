@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.engine_command import EngineOptions, build_engine_command
+from service.engine.command import EngineOptions, build_engine_command
 
 
 def test_every_engine_gets_the_flags_the_raas_backend_requires():

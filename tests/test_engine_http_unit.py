@@ -1,4 +1,4 @@
-"""The engine's HTTP/1.1 client (service/engine_http.py) against raw socket servers that
+"""The engine's HTTP/1.1 client (service/engine/http_pool.py) against raw socket servers that
 send exactly the bytes each test scripts: framing split at awkward places, connections
 the server closes, extra bytes, broken heads. The first property is that a connection
 is reused only when its last response was read to its exact end, so no request can read
@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from service.engine_http import ConnectFailed, HttpTransportError, Pool, ResponseTimeout
+from service.engine.http_pool import ConnectFailed, HttpTransportError, Pool, ResponseTimeout
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -304,7 +304,7 @@ def test_a_drain_cancelled_midway_still_gives_the_connection_back():
     """Closing a finished stream waits briefly for the body's end (to keep the
     connection); cancelled during that wait (server shutdown), the connection is closed
     and its pool slot freed, or the pool would shrink by one for good."""
-    from service.engine_client import EngineClient
+    from service.engine.client import EngineClient
 
     async def stream_then_stall(reader, writer, n: int) -> None:
         await read_request(reader)

@@ -11,9 +11,9 @@ import asyncio
 import sys
 from pathlib import Path
 
-from service.engine_client import EngineClient
-from service.engine_supervisor import EmbeddedEngine, EngineState
-from service.settings import Settings
+from service.engine.client import EngineClient
+from service.engine.supervisor import EmbeddedEngine, EngineState
+from service.server.settings import Settings
 from tests.support.sglang_server import free_port
 
 BACKOFF, CAP = 0.5, 2.0

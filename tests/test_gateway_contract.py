@@ -28,9 +28,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from service.app import create_app
-from service.engine_client import EngineClient, Health
-from service.graceful_drain import DrainingServer
-from service.settings import Settings
+from service.engine.client import EngineClient, Health
+from service.server.drain import DrainingServer
+from service.server.settings import Settings
 from tests.support.gateway_server import serve_app, wait_ready
 from tests.support.metrics_text import gateway_metric
 from tests.support.sglang_server import free_port
@@ -412,7 +412,7 @@ def http_requests(url: str, code: str) -> float:
 
 
 def test_a_bug_in_the_chat_path_is_a_500_in_openai_shape_and_the_gateway_serves_on(engine):
-    """The chat route is dispatched past the framework's router (service/chat_dispatch.py):
+    """The chat route is dispatched past the framework's router (service/api/chat_dispatch.py):
     an unexpected exception there must still reach the server-error handler, as OpenAI's
     500 with nothing of the exception in it, and be counted under the chat route."""
     settings = Settings(

@@ -26,7 +26,7 @@ import openai
 import pytest
 
 from service.app import create_app
-from service.settings import Settings
+from service.server.settings import Settings
 from tests.support.embedded_gateway import Served, embedded_gateway
 from tests.support.gateway_server import serve_app, wait_ready
 from tests.support.metrics_text import gateway_metric

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from benchmarks.stub_engine import chat as stub_chat
 from service.app import create_app
-from service.settings import Settings
+from service.server.settings import Settings
 from tests.support.gateway_server import serve_app, wait_ready
 
 MODEL = "smollm2-135m-instruct"

@@ -14,14 +14,16 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from service import chat_request, errors, kv_policy
-from service.admission import AdmissionController, AdmissionRejected, RejectReason
-from service.api_keys import ApiKey, ApiKeyError, KeyStore, load_key_store, parse_keys_text
-from service.kv_policy import EffectivePolicy, KvCacheUsage, KvPolicyRequest, PolicyLimits
-from service.metrics import GatewayMetrics, parse_engine_metrics
-from service.model_config import kv_bytes_per_token
-from service.schemas import ChatCompletionRequest
-from service.settings import Settings
+from service.api import errors
+from service.api.api_keys import ApiKey, ApiKeyError, KeyStore, load_key_store, parse_keys_text
+from service.api.schemas import ChatCompletionRequest
+from service.chat import kv_policy
+from service.chat import request as chat_request
+from service.chat.admission import AdmissionController, AdmissionRejected, RejectReason
+from service.chat.kv_policy import EffectivePolicy, KvCacheUsage, KvPolicyRequest, PolicyLimits
+from service.engine.model_config import kv_bytes_per_token
+from service.server.metrics import GatewayMetrics, parse_engine_metrics
+from service.server.settings import Settings
 
 MODEL = "smollm2-135m-instruct"
 
@@ -505,14 +507,14 @@ def test_metric_names_pass_promtool():
 
 
 def test_metrics_module_docstring_lists_every_metric():
-    import service.metrics as metrics_module
+    import service.server.metrics as metrics_module
 
     m = GatewayMetrics(bytes_per_kv_token=1)
     m.engine.update(ENGINE_METRICS)
     doc = metrics_module.__doc__ or ""
     names = {metric.name for metric in m.registry.collect()}
     missing = [n for n in names if n not in doc]
-    assert not missing, f"metrics not documented in service/metrics.py: {missing}"
+    assert not missing, f"metrics not documented in service/server/metrics.py: {missing}"
 
 
 # --- CLI --------------------------------------------------------------------------------

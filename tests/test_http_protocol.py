@@ -1,6 +1,6 @@
 """The gateway's HTTP server against slow and old clients, over raw sockets.
 
-The gateway runs with the protocol `raas-serve serve` uses (service/http_protocol.py), in
+The gateway runs with the protocol `raas-serve serve` uses (service/server/http_protocol.py), in
 front of the scripted stand-in engine of test_gateway_contract. A client that connects
 and sends nothing, sends half a head, or promises a longer body than it sends must be
 answered 408 and closed within its deadline, not held open forever. A streamed reply to
@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from service.app import create_app
-from service.http_protocol import protocol_factory
-from service.settings import Settings
+from service.server.http_protocol import protocol_factory
+from service.server.settings import Settings
 from tests.support.gateway_server import serve_app, wait_ready
 from tests.test_gateway_contract import MODEL, FakeEngine
 

@@ -18,8 +18,8 @@ import logging
 import structlog
 from fastapi.testclient import TestClient
 from service.app import create_app
-from service.log_config import configure_logging
-from service.settings import Settings
+from service.server.log_config import configure_logging
+from service.server.settings import Settings
 
 configure_logging("info", json_logs=True)
 app = create_app(Settings(engine_mode="remote", engine_url="http://127.0.0.1:9"))

@@ -26,7 +26,7 @@ from raas_backend.sglang_plugin.server_requirements import (
     check_server_args,
     model_facts,
 )
-from service.engine_command import EngineOptions, build_engine_command
+from service.engine.command import EngineOptions, build_engine_command
 from tests.support.sglang_server import free_port, heavy_process_lock
 
 SAFE = dict(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from service.stream_relay import normalize_engine_error
+from service.chat.stream_relay import normalize_engine_error
 
 
 def _event(payload: dict) -> dict:

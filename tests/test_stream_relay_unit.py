@@ -10,9 +10,9 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from service.engine_client import EngineTimeout
-from service.kv_policy import EffectivePolicy, KvCacheUsage
-from service.stream_relay import RelayResponse, StreamRelay
+from service.engine.client import EngineTimeout
+from service.chat.kv_policy import EffectivePolicy, KvCacheUsage
+from service.chat.stream_relay import RelayResponse, StreamRelay
 
 POLICY = EffectivePolicy(name="raas", budget_tokens=256, alpha=0.1)
 

@@ -4,7 +4,7 @@
 `install(directory)` patches, in the process that calls it, whatever of these it finds:
 asyncio's selector socket transport (the load client's reads and writes), uvicorn's
 httptools protocol (the gateway's and the engine's server side: data received, ASGI
-sends), the gateway's engine connection (`service.engine_http`) and its outermost
+sends), the gateway's engine connection (`service.engine.http_pool`) and its outermost
 middleware (when a request's last Python step ends). Each event is one line, written
 with one unbuffered `os.write` to `<directory>/<pid>.log`:
 
@@ -101,7 +101,7 @@ def _uvicorn_server(emit: Callable[[str], None], now: Callable[[], int]) -> None
 
 
 def _engine_connection(emit: Callable[[str], None], now: Callable[[], int]) -> None:
-    from service import engine_http
+    from service.engine import http_pool as engine_http
 
     connection = engine_http._Connection
     data_received, write = connection.data_received, connection.write
@@ -120,7 +120,7 @@ def _engine_connection(emit: Callable[[str], None], now: Callable[[], int]) -> N
 
 
 def _gateway_exit(emit: Callable[[str], None], now: Callable[[], int]) -> None:
-    from service import http_metrics
+    from service.server import http_metrics
 
     middleware = http_metrics.HttpMetricsMiddleware
     call = middleware.__call__

@@ -1,1 +1,2 @@
-"""HTTP routes, one module per resource; each delegates to a service object."""
+"""The HTTP API: routes (one module per resource), their dependencies, the request and
+response schemas, API keys and the OpenAI-style errors."""

@@ -26,7 +26,7 @@ def serve_app(
     make_server: Callable[[uvicorn.Config], uvicorn.Server] = uvicorn.Server,
     http: Any = "auto",
 ) -> Iterator[str]:
-    """`http`: uvicorn's protocol, e.g. `service.http_protocol.protocol_factory(...)`."""
+    """`http`: uvicorn's protocol, e.g. `service.server.http_protocol.protocol_factory(...)`."""
     port = free_port()
     config = uvicorn.Config(
         app,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from service.engine_command import EngineOptions, build_engine_command
+from service.engine.command import EngineOptions, build_engine_command
 
 LOCK_PATH = Path(tempfile.gettempdir()) / "raas-heavy-process.lock"
 START_TIMEOUT_S = float(os.environ.get("RAAS_TEST_ENGINE_START_TIMEOUT", "300"))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from service.app import create_app
-from service.settings import Settings
+from service.server.settings import Settings
 from tests.support.gateway_server import serve_app, wait_ready
 from tests.support.tiny_model import tiny_engine
 

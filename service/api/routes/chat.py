@@ -4,11 +4,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from service.chat_input import caller_key, read_chat_body
-from service.chat_service import ChatService
-from service.errors import ErrorBody
-from service.schemas import ChatCompletionRequest
-from service.settings import Settings
+from service.api.errors import ErrorBody
+from service.api.schemas import ChatCompletionRequest
+from service.chat.completions import ChatService
+from service.chat.input import caller_key, read_chat_body
+from service.server.settings import Settings
 
 router = APIRouter(tags=["chat"])
 
@@ -82,7 +82,7 @@ def document_limits(doc: dict[str, Any], settings: Settings) -> None:
         fields["seed"] = {"type": "null", "description": "Not supported here (a 400)"}
 
 
-# Every error is OpenAI's `{"error": {...}}` (service/errors.py).
+# Every error is OpenAI's `{"error": {...}}` (service/api/errors.py).
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}
     for status, description in (
@@ -102,7 +102,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 @router.post(CHAT_PATH, response_model=None, responses=_ERRORS, openapi_extra=_OPENAPI)
 async def create_chat_completion(request: Request) -> Response:
     """OpenAI chat completions plus the `kv_policy` extension (see docs/api.md)."""
-    # The hot path: service/chat_dispatch.py calls this directly, without the router, so
+    # The hot path: service/api/chat_dispatch.py calls this directly, without the router, so
     # it takes nothing from FastAPI's dependency solving (auth and body are checked
     # inline, which also costs less).
     state = request.app.state

@@ -3,8 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.deps import DrainDep, EngineMonitorDep, SettingsDep
-from service.schemas import Liveness, Readiness
+from service.api.deps import DrainDep, EngineMonitorDep, SettingsDep
+from service.api.schemas import Liveness, Readiness
 
 router = APIRouter(tags=["health"])
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.deps import EngineClientDep, EngineMonitorDep, MetricsDep
+from service.api.deps import EngineClientDep, EngineMonitorDep, MetricsDep
 
 router = APIRouter(tags=["metrics"])
 

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service import errors
-from service.api_keys import ApiKey
-from service.chat_request import default_max_tokens
-from service.deps import ApiKeyDep, SettingsDep
-from service.schemas import ModelCard, ModelList
-from service.settings import Settings
+from service.api import errors
+from service.api.api_keys import ApiKey
+from service.api.deps import ApiKeyDep, SettingsDep
+from service.api.schemas import ModelCard, ModelList
+from service.chat.request import default_max_tokens
+from service.server.settings import Settings
 
 router = APIRouter(tags=["models"])
 

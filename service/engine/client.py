@@ -1,6 +1,6 @@
 """HTTP client for SGLang's own endpoints. The gateway never imports SGLang.
 
-The HTTP itself is service/engine_http.py, a small keep-alive HTTP/1.1 client: the
+The HTTP itself is service/engine/http_pool.py, a small keep-alive HTTP/1.1 client: the
 upstream hop is on every request's path, and general-purpose clients cost most of the
 gateway's cold path (see docs/benchmarks.md, "Gateway overhead").
 
@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from service import json_codec
-from service.engine_http import (
+from service.engine.http_pool import (
     ConnectFailed,
     HttpTransportError,
     Pool,

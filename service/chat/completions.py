@@ -16,25 +16,27 @@ from fastapi import Request
 from fastapi.responses import Response
 from starlette.background import BackgroundTask
 
-from service import chat_request, errors, kv_policy
-from service.admission import AdmissionController, AdmissionRejected, Ticket
-from service.api_keys import ApiKey
-from service.disconnect_guard import ClientDisconnected, until_disconnect
-from service.engine_client import (
+from service.api import errors
+from service.api.api_keys import ApiKey
+from service.api.schemas import ChatCompletionRequest
+from service.chat import kv_policy
+from service.chat import request as chat_request
+from service.chat.admission import AdmissionController, AdmissionRejected, Ticket
+from service.chat.disconnect_guard import ClientDisconnected, until_disconnect
+from service.chat.kv_policy import EffectivePolicy, KvCacheUsage, PolicyLimits
+from service.chat.stream_relay import RelayResponse, StreamRelay
+from service.engine.client import (
     EngineClient,
     EngineHTTPError,
     EngineStream,
     EngineTimeout,
     EngineUnavailable,
 )
-from service.engine_supervisor import EngineMonitor
-from service.graceful_drain import Drain
+from service.engine.supervisor import EngineMonitor
 from service.json_codec import FastJSONResponse
-from service.kv_policy import EffectivePolicy, KvCacheUsage, PolicyLimits
-from service.metrics import GatewayMetrics
-from service.schemas import ChatCompletionRequest
-from service.settings import Settings
-from service.stream_relay import RelayResponse, StreamRelay
+from service.server.drain import Drain
+from service.server.metrics import GatewayMetrics
+from service.server.settings import Settings
 
 log = structlog.get_logger(__name__)
 

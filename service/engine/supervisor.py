@@ -13,7 +13,7 @@ behind a long prefill (minutes on a CPU, a 100K-token prompt on a GPU). So each 
 scheduler), then the scheduler (a one-token generation); a scheduler that does not answer
 while requests are in flight and have shown progress within `engine_stall_timeout_s`
 counts as busy, not failed. Dead processes are seen without any probe: the launcher's exit,
-and the death of any SGLang worker process (service/engine_processes.py).
+and the death of any SGLang worker process (service/engine/processes.py).
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from typing import IO, Protocol
 
 import structlog
 
-from service.engine_client import FRONT_END_PROBE_PATH, EngineClient, Health
-from service.engine_command import EngineOptions, build_engine_command
-from service.engine_processes import Worker, dead, engine_workers
-from service.settings import Settings
+from service.engine.client import FRONT_END_PROBE_PATH, EngineClient, Health
+from service.engine.command import EngineOptions, build_engine_command
+from service.engine.processes import Worker, dead, engine_workers
+from service.server.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -222,7 +222,7 @@ class EmbeddedEngine:
 
     async def _spawn(self) -> None:
         if self.model_path is None:
-            from service.bundled_model import resolve_model_path
+            from service.engine.bundled_model import resolve_model_path
 
             # Conversion is slow and CPU-bound the first time; keep the event loop free.
             self.model_path = await asyncio.to_thread(resolve_model_path, None)

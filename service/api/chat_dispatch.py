@@ -24,7 +24,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import OpenAIError
+from service.api.errors import OpenAIError
 
 Handler = Callable[[Request], Awaitable[Response]]
 

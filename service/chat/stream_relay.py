@@ -25,10 +25,10 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service import json_codec
-from service.disconnect_guard import DisconnectWatch
-from service.engine_client import EngineStream, EngineTimeout, EngineUnavailable
-from service.errors import ErrorBody, ErrorDetail, clean_engine_message
-from service.kv_policy import EffectivePolicy, KvCacheUsage
+from service.api.errors import ErrorBody, ErrorDetail, clean_engine_message
+from service.chat.disconnect_guard import DisconnectWatch
+from service.chat.kv_policy import EffectivePolicy, KvCacheUsage
+from service.engine.client import EngineStream, EngineTimeout, EngineUnavailable
 
 log = structlog.get_logger(__name__)
 

@@ -12,7 +12,7 @@ import time
 import structlog
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.metrics import GatewayMetrics
+from service.server.metrics import GatewayMetrics
 
 log = structlog.get_logger("service.access")
 

@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from service.kv_policy import PolicyName
+from service.chat.kv_policy import PolicyName
 
 LIST_FIELDS = frozenset({"allowed_policies"})
 

@@ -1,7 +1,7 @@
 """From a client's chat request to the body SGLang receives.
 
 Value checks answer 400 naming the parameter (404 for an unknown model). Which fields
-exist at all is the schema's business (service/schemas.py): it takes OpenAI's fields and
+exist at all is the schema's business (service/api/schemas.py): it takes OpenAI's fields and
 the SGLang extensions that cannot bypass the gateway, never `rid` or `custom_params`.
 """
 
@@ -11,11 +11,11 @@ import math
 import re
 from typing import Any
 
-from service.api_keys import ApiKey
-from service.errors import invalid_field, model_not_found
-from service.kv_policy import EffectivePolicy
-from service.schemas import ChatCompletionRequest
-from service.settings import Settings
+from service.api.api_keys import ApiKey
+from service.api.errors import invalid_field, model_not_found
+from service.api.schemas import ChatCompletionRequest
+from service.chat.kv_policy import EffectivePolicy
+from service.server.settings import Settings
 
 # OpenAI fields that mean nothing to a self-hosted engine; accepted and dropped.
 IGNORED_OPENAI_FIELDS = frozenset(

@@ -10,9 +10,10 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
-from service import errors, json_codec
-from service.api_keys import ApiKey, KeyStore
-from service.schemas import ChatCompletionRequest
+from service import json_codec
+from service.api import errors
+from service.api.api_keys import ApiKey, KeyStore
+from service.api.schemas import ChatCompletionRequest
 
 
 def caller_key(keys: KeyStore, authorization: str | None) -> ApiKey | None:

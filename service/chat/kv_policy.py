@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from service.errors import invalid_field
+from service.api.errors import invalid_field
 
 if TYPE_CHECKING:
-    from service.api_keys import ApiKey
-    from service.settings import Settings
+    from service.api.api_keys import ApiKey
+    from service.server.settings import Settings
 
 PolicyName = Literal["raas", "dense", "streaming", "h2o", "quest"]
 POLICY_NAMES: tuple[str, ...] = get_args(PolicyName)

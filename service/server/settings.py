@@ -14,7 +14,7 @@ from typing import Literal, Self
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.kv_policy import POLICY_NAMES, PolicyName
+from service.chat.kv_policy import POLICY_NAMES, PolicyName
 
 EngineMode = Literal["embedded", "remote"]
 DEFAULT_MAX_TOKENS = 1024

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from service.kv_policy import request_json_schema
+from service.chat.kv_policy import request_json_schema
 
 
 class _Strict(BaseModel):

@@ -78,8 +78,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from service.admission import RejectReason
-from service.kv_policy import POLICY_NAMES, KvCacheUsage
+from service.chat.admission import RejectReason
+from service.chat.kv_policy import POLICY_NAMES, KvCacheUsage
 
 log = structlog.get_logger(__name__)
 

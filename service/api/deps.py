@@ -3,7 +3,7 @@
 Everything comes from `app.state`, filled by the lifespan in `app.py`. All are `async
 def`: FastAPI runs plain `def` dependencies in a thread pool, a hop per dependency that
 costs more than the work itself. The chat route, the hot path, uses none: it calls
-`service.chat_input` directly, since solving a dependency graph per request costs more
+`service.chat.input` directly, since solving a dependency graph per request costs more
 than the checks do.
 """
 
@@ -13,14 +13,14 @@ from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from service.api_keys import ApiKey, KeyStore
-from service.chat_input import caller_key
-from service.chat_service import ChatService
-from service.engine_client import EngineClient
-from service.engine_supervisor import EngineMonitor
-from service.graceful_drain import Drain
-from service.metrics import GatewayMetrics
-from service.settings import Settings
+from service.api.api_keys import ApiKey, KeyStore
+from service.chat.completions import ChatService
+from service.chat.input import caller_key
+from service.engine.client import EngineClient
+from service.engine.supervisor import EngineMonitor
+from service.server.drain import Drain
+from service.server.metrics import GatewayMetrics
+from service.server.settings import Settings
 
 
 async def get_settings(request: Request) -> Settings:
