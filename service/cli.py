@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service.chat.kv_policy import POLICY_NAMES
+from raas_backend import policy_spec
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -67,20 +67,20 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--kv-default-policy",
-        choices=POLICY_NAMES,
+        choices=policy_spec.POLICY_NAMES,
         help="kv_policy of requests that name none (RAAS_KV_DEFAULT_POLICY, default raas)",
     )
     serve.add_argument(
         "--kv-default-budget-tokens",
         type=int,
         help="budget_tokens of requests that set none (RAAS_KV_DEFAULT_BUDGET_TOKENS, "
-        "default 2048)",
+        f"default {policy_spec.DEFAULT_BUDGET_TOKENS})",
     )
     serve.add_argument(
         "--kv-max-budget-tokens",
         type=int,
         help="largest budget_tokens a request may ask for (RAAS_KV_MAX_BUDGET_TOKENS, "
-        "default 8192)",
+        f"default {policy_spec.MAX_BUDGET_TOKENS})",
     )
     serve.add_argument("--api-keys-file", type=Path, help="API keys file (RAAS_API_KEYS_FILE)")
     serve.add_argument(

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from raas_backend import policy_spec
 from service.api import errors
 from service.api.api_keys import ApiKey, ApiKeyError, KeyStore, load_key_store, parse_keys_text
 from service.api.schemas import ChatCompletionRequest
@@ -74,7 +75,9 @@ def test_settings_remote_url_and_validation():
 
 def test_defaults_fill_missing_fields():
     eff = kv_policy.resolve(KvPolicyRequest(), limits())
-    assert eff == EffectivePolicy(name="raas", budget_tokens=2048, alpha=DEFAULT_ALPHA)
+    assert eff == EffectivePolicy(
+        name="raas", budget_tokens=policy_spec.DEFAULT_BUDGET_TOKENS, alpha=DEFAULT_ALPHA
+    )
     eff = kv_policy.resolve(KvPolicyRequest(name="h2o", budget_tokens=256), limits())
     # Only raas reads alpha: the others carry none.
     assert (eff.name, eff.budget_tokens, eff.alpha) == ("h2o", 256, None)
@@ -87,7 +90,7 @@ def test_dense_has_no_budget_and_engine_gets_only_set_fields():
     raas = kv_policy.resolve(KvPolicyRequest(name="raas", recent_tokens=0), limits())
     assert raas.for_engine() == {
         "name": "raas",
-        "budget_tokens": 2048,
+        "budget_tokens": policy_spec.DEFAULT_BUDGET_TOKENS,
         "alpha": DEFAULT_ALPHA,
         "recent_tokens": 0,
     }

@@ -1,40 +1,53 @@
-"""The per-request KV policy configuration (what `custom_params.kv_policy` carries)."""
+"""The per-request KV policy configuration (what `custom_params.kv_policy` carries).
+
+Names, ranges, defaults and error texts are the specification's (raas_backend/policy_spec.py),
+the one the gateway checks requests against; the engine checks them again here, since a
+request may reach SGLang without the gateway.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any
 
-POLICY_NAMES = ("raas", "dense", "streaming", "h2o", "quest")
-Aggregation = Literal["max", "mean"]
-AGGREGATIONS = ("max", "mean")
+from raas_backend import policy_spec as spec
+from raas_backend.policy_spec import (
+    AGGREGATIONS,
+    DEFAULT_ALPHA,
+    DEFAULT_BUDGET_TOKENS,
+    DEFAULT_HEAD_AGG,
+    DEFAULT_LAYER_AGG,
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_RECENT_TOKENS,
+    DEFAULT_REFRESH_TOP_FRACTION,
+    MIN_BUDGET_PAGES,
+    POLICY_NAMES,
+    Aggregation,
+)
 
-# Defaults chosen by the fidelity study (docs/fidelity.md); overridable per server. The
-# adaptive variant: each step the top quarter of pages by attention mass (max over heads,
-# max over layers) counts as used; alpha 0.99 leaves the choice to that fraction, which
-# does not depend on the model's attention-mass scale as a fixed threshold does.
-DEFAULT_ALPHA = 0.99
-DEFAULT_HEAD_AGG: Aggregation = "max"
-DEFAULT_LAYER_AGG: Aggregation = "max"
-DEFAULT_REFRESH_TOP_FRACTION = 0.25
-MIN_BUDGET_PAGES = 2
-
-
-def _is_int(value: Any) -> bool:
-    """An int that is not a bool (JSON true must not read as 1)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+# Importable from here as before, where the engine's modules and the studies read them.
+__all__ = [
+    "AGGREGATIONS",
+    "DEFAULT_ALPHA",
+    "DEFAULT_BUDGET_TOKENS",
+    "DEFAULT_HEAD_AGG",
+    "DEFAULT_LAYER_AGG",
+    "DEFAULT_PAGE_SIZE",
+    "DEFAULT_RECENT_TOKENS",
+    "DEFAULT_REFRESH_TOP_FRACTION",
+    "MIN_BUDGET_PAGES",
+    "POLICY_NAMES",
+    "Aggregation",
+    "KVPolicyConfig",
+    "PolicyConfigError",
+]
 
 
 class PolicyConfigError(ValueError):
     """A kv_policy value is out of range; `field` names the offending field."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"kv_policy.{field}: {message}" if field else f"kv_policy: {message}")
+        super().__init__(spec.message(field, message))
         self.field = field
 
 
@@ -58,57 +71,40 @@ class KVPolicyConfig:
     """
 
     name: str = "raas"
-    budget_tokens: int = 1024
+    budget_tokens: int = DEFAULT_BUDGET_TOKENS
     alpha: float = DEFAULT_ALPHA
     head_agg: Aggregation = DEFAULT_HEAD_AGG
     layer_agg: Aggregation = DEFAULT_LAYER_AGG
     refresh_top_fraction: float = DEFAULT_REFRESH_TOP_FRACTION
-    recent_tokens: int = 64
-    page_size: int = 16
+    recent_tokens: int = DEFAULT_RECENT_TOKENS
+    page_size: int = DEFAULT_PAGE_SIZE
 
     def __post_init__(self) -> None:
-        if self.name not in POLICY_NAMES:
-            raise PolicyConfigError("name", f"expected one of {POLICY_NAMES}, got {self.name!r}")
-        if not _is_int(self.page_size) or self.page_size < 1:
+        if problem := spec.name_problem(self.name):
+            raise PolicyConfigError("name", problem)
+        if not spec.is_int(self.page_size) or self.page_size < 1:
             raise PolicyConfigError(
                 "page_size", f"expected an integer >= 1, got {self.page_size!r}"
             )
-        if (
-            not _is_int(self.budget_tokens)
-            or self.budget_tokens < MIN_BUDGET_PAGES * self.page_size
-        ):
-            raise PolicyConfigError(
-                "budget_tokens",
-                f"expected an integer >= {MIN_BUDGET_PAGES * self.page_size} "
-                f"({MIN_BUDGET_PAGES} pages of {self.page_size}), got {self.budget_tokens!r}",
-            )
-        if (
-            not _is_number(self.alpha)
-            or not math.isfinite(self.alpha)
-            or not 0.0 <= self.alpha < 1.0
-        ):
-            raise PolicyConfigError("alpha", f"expected a number in [0, 1), got {self.alpha!r}")
+        low = spec.min_budget_tokens(self.page_size)
+        if problem := spec.budget_problem(self.budget_tokens, low):
+            pages = f"{MIN_BUDGET_PAGES} pages of {self.page_size}"
+            raise PolicyConfigError("budget_tokens", f"{problem} ({pages})")
+        if problem := spec.alpha_problem(self.alpha):
+            raise PolicyConfigError("alpha", problem)
         for agg_field in ("head_agg", "layer_agg"):
-            value = getattr(self, agg_field)
-            if value not in AGGREGATIONS:
-                raise PolicyConfigError(agg_field, f"expected one of {AGGREGATIONS}, got {value!r}")
-        if not _is_number(self.refresh_top_fraction) or not (
-            0.0 <= self.refresh_top_fraction <= 1.0
+            if problem := spec.aggregation_problem(getattr(self, agg_field)):
+                raise PolicyConfigError(agg_field, problem)
+        if problem := spec.refresh_top_fraction_problem(self.refresh_top_fraction):
+            raise PolicyConfigError("refresh_top_fraction", problem)
+        if problem := spec.recent_tokens_problem(self.recent_tokens):
+            raise PolicyConfigError("recent_tokens", problem)
+        if self.name == "h2o" and (
+            problem := spec.h2o_recent_problem(
+                self.recent_tokens, self.budget_tokens, self.page_size
+            )
         ):
-            raise PolicyConfigError(
-                "refresh_top_fraction",
-                f"expected a number in [0, 1], got {self.refresh_top_fraction!r}",
-            )
-        if not _is_int(self.recent_tokens) or self.recent_tokens < 0:
-            raise PolicyConfigError(
-                "recent_tokens", f"expected an integer >= 0, got {self.recent_tokens!r}"
-            )
-        if self.name == "h2o" and self.recent_tokens > self.budget_tokens - self.page_size:
-            raise PolicyConfigError(
-                "recent_tokens",
-                f"expected at most budget_tokens - page_size = "
-                f"{self.budget_tokens - self.page_size}, got {self.recent_tokens}",
-            )
+            raise PolicyConfigError("recent_tokens", problem)
 
     @property
     def budget_pages(self) -> int:
@@ -130,7 +126,7 @@ class KVPolicyConfig:
                 raise PolicyConfigError(str(key), f"unknown field; expected one of {sorted(known)}")
         merged_data = {**asdict(defaults), **data}
         budget, page = merged_data["budget_tokens"], merged_data["page_size"]
-        if merged_data["name"] == "h2o" and "recent_tokens" not in data and _is_int(budget):
+        if merged_data["name"] == "h2o" and "recent_tokens" not in data and spec.is_int(budget):
             # A recent window the caller never asked for shrinks to fit a small budget
             # instead of failing the request (one set explicitly is still checked).
             merged_data["recent_tokens"] = max(0, min(merged_data["recent_tokens"], budget - page))

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Self
@@ -33,7 +32,8 @@ from pydantic import (
     model_validator,
 )
 
-from service.chat.kv_policy import PolicyName
+from raas_backend import policy_spec as spec
+from raas_backend.policy_spec import PolicyName
 
 LIST_FIELDS = frozenset({"allowed_policies"})
 
@@ -70,8 +70,8 @@ class ApiKey(BaseModel):
     @field_validator("default_alpha")
     @classmethod
     def _alpha_range(cls, value: float | None) -> float | None:
-        if value is not None and not (math.isfinite(value) and 0.0 <= value < 1.0):
-            raise ValueError(f"expected default_alpha in [0, 1), got {value}")
+        if value is not None and (problem := spec.alpha_problem(value)):
+            raise ValueError(problem)
         return value
 
     @model_validator(mode="after")

@@ -4,30 +4,28 @@ A request names a KV policy, a budget and alpha, in the body (`"kv_policy": {...
 OpenAI clients send through `extra_body`) or in the `X-KV-Policy` header. Missing fields
 take the API key's defaults, then the server's. Values must satisfy
 `min_budget <= request <= key cap <= server cap`; anything else is a 400 naming the field.
+Names, ranges, defaults and error texts come from the one specification the engine checks
+too (raas_backend/policy_spec.py); what is here is the HTTP side: header and body parsing,
+the caller's caps and the echo in `usage.kv_cache`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from raas_backend import policy_spec as spec
+from raas_backend.policy_spec import POLICY_NAMES, Aggregation, PolicyName
 from service.api.errors import invalid_field
 
 if TYPE_CHECKING:
     from service.api.api_keys import ApiKey
     from service.server.settings import Settings
 
-PolicyName = Literal["raas", "dense", "streaming", "h2o", "quest"]
-POLICY_NAMES: tuple[str, ...] = get_args(PolicyName)
-Aggregation = Literal["max", "mean"]
-AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 HEADER = "X-KV-Policy"
-# The policies whose eviction rule reads alpha (raas_backend/policies/raas.py).
-ALPHA_POLICIES = frozenset({"raas"})
 FIELD = "kv_policy"
 
 
@@ -59,21 +57,12 @@ def request_json_schema() -> dict[str, Any]:
     """`kv_policy` in the OpenAPI document: what `resolve` accepts, as far as JSON Schema
     can say it (the budget's range depends on the server and the key; the server's is
     written in by the app)."""
-    number = {"type": "number"}
     return {
         "anyOf": [
             {
                 "type": "object",
                 "additionalProperties": False,
-                "properties": {
-                    "name": {"enum": list(POLICY_NAMES)},
-                    "budget_tokens": {"type": "integer"},
-                    "alpha": {**number, "minimum": 0, "exclusiveMaximum": 1},
-                    "head_agg": {"enum": list(AGGREGATIONS)},
-                    "layer_agg": {"enum": list(AGGREGATIONS)},
-                    "refresh_top_fraction": {**number, "minimum": 0, "maximum": 1},
-                    "recent_tokens": {"type": "integer", "minimum": 0},
-                },
+                "properties": spec.request_properties(spec.min_budget_tokens()),
             },
             {"type": "null"},
         ],
@@ -240,44 +229,39 @@ def _validate(data: dict[str, Any], prefix: str) -> KvPolicyRequest:
         loc = ".".join(str(p) for p in first["loc"])
         param = f"{prefix}.{loc}" if loc else prefix
         if first["type"] == "extra_forbidden":
-            known = ", ".join(KvPolicyRequest.model_fields)
-            message = f"unknown field {param!r}; expected one of {known}"
+            known = ", ".join(spec.REQUEST_FIELDS)
+            message = f"{param}: unknown field; expected one of {known}"
         else:
-            message = f"invalid {param}: {first['msg']}"
+            message = f"{param}: {first['msg']}"
         raise invalid_field(param, message) from exc
+
+
+def _refuse(field: str, problem: str, code: str = "invalid_value") -> None:
+    raise invalid_field(f"{FIELD}.{field}", spec.message(field, problem), code=code)
 
 
 def resolve(requested: KvPolicyRequest, limits: PolicyLimits) -> EffectivePolicy:
     """Fill defaults and enforce the caller's caps; raises a 400 `OpenAIError`."""
     name = requested.name if requested.name is not None else limits.default_name
-    if name not in POLICY_NAMES:
-        raise invalid_field(
-            f"{FIELD}.name",
-            f"unknown KV policy {name!r}; expected one of {', '.join(POLICY_NAMES)}",
-        )
+    if problem := spec.name_problem(name):
+        _refuse("name", problem)
     if name not in limits.allowed:
-        raise invalid_field(
-            f"{FIELD}.name",
-            f"KV policy {name!r} is not allowed here; allowed: "
-            f"{', '.join(p for p in POLICY_NAMES if p in limits.allowed)}",
-            code="policy_not_allowed",
-        )
+        allowed = ", ".join(p for p in POLICY_NAMES if p in limits.allowed)
+        _refuse("name", f"{name!r} is not allowed here; allowed: {allowed}", "policy_not_allowed")
 
     budget = requested.budget_tokens
-    if budget is not None and not (limits.min_budget <= budget <= limits.max_budget):
-        raise invalid_field(
-            f"{FIELD}.budget_tokens",
-            f"expected {FIELD}.budget_tokens in [{limits.min_budget}, {limits.max_budget}] "
-            f"(the {limits.cap_source} cap), got {budget}",
-        )
+    if budget is not None and (
+        problem := spec.budget_problem(budget, limits.min_budget, limits.max_budget)
+    ):
+        _refuse("budget_tokens", f"{problem} (the {limits.cap_source} cap)")
     alpha = requested.alpha
-    if alpha is not None and not (math.isfinite(alpha) and 0.0 <= alpha < 1.0):
-        raise invalid_field(f"{FIELD}.alpha", f"expected {FIELD}.alpha in [0, 1), got {alpha}")
+    if alpha is not None and (problem := spec.alpha_problem(alpha)):
+        _refuse("alpha", problem)
 
     tuning = _tuning(requested)
-    if name == "dense":
+    if name in spec.BUDGETLESS_POLICIES:
         return EffectivePolicy(name="dense", budget_tokens=None, alpha=None)
-    if name not in ALPHA_POLICIES:
+    if name not in spec.ALPHA_POLICIES:
         # Nothing else reads alpha: echoing one would claim a setting that does nothing.
         alpha = None
     elif alpha is None:
@@ -294,23 +278,16 @@ def _tuning(requested: KvPolicyRequest) -> dict[str, Any]:
     tuning: dict[str, Any] = {}
     for agg in ("head_agg", "layer_agg"):
         value = getattr(requested, agg)
-        if value is not None and value not in AGGREGATIONS:
-            raise invalid_field(
-                f"{FIELD}.{agg}", f"expected {FIELD}.{agg} in {AGGREGATIONS}, got {value!r}"
-            )
+        if value is not None and (problem := spec.aggregation_problem(value)):
+            _refuse(agg, problem)
         tuning[agg] = value
     fraction = requested.refresh_top_fraction
-    if fraction is not None and not (math.isfinite(fraction) and 0.0 <= fraction <= 1.0):
-        raise invalid_field(
-            f"{FIELD}.refresh_top_fraction",
-            f"expected {FIELD}.refresh_top_fraction in [0, 1], got {fraction}",
-        )
+    if fraction is not None and (problem := spec.refresh_top_fraction_problem(fraction)):
+        _refuse("refresh_top_fraction", problem)
     tuning["refresh_top_fraction"] = float(fraction) if fraction is not None else None
     recent = requested.recent_tokens
-    if recent is not None and recent < 0:
-        raise invalid_field(
-            f"{FIELD}.recent_tokens", f"expected {FIELD}.recent_tokens >= 0, got {recent}"
-        )
+    if recent is not None and (problem := spec.recent_tokens_problem(recent)):
+        _refuse("recent_tokens", problem)
     tuning["recent_tokens"] = recent
     return tuning
 

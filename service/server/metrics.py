@@ -78,8 +78,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
+from raas_backend.policy_spec import POLICY_NAMES
 from service.chat.admission import RejectReason
-from service.chat.kv_policy import POLICY_NAMES, KvCacheUsage
+from service.chat.kv_policy import KvCacheUsage
 
 log = structlog.get_logger(__name__)
 

@@ -7,14 +7,14 @@ environment (`RAAS_ENGINE_EXTRA_ARGS='["--log-level", "warning"]'`).
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal, Self
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.chat.kv_policy import POLICY_NAMES, PolicyName
+from raas_backend import policy_spec as spec
+from raas_backend.policy_spec import POLICY_NAMES, PolicyName
 
 EngineMode = Literal["embedded", "remote"]
 DEFAULT_MAX_TOKENS = 1024
@@ -116,16 +116,18 @@ class Settings(BaseSettings):
 
     # --- KV policy defaults and server caps ---
     kv_allowed_policies: list[PolicyName] = Field(default_factory=lambda: list(POLICY_NAMES))
-    kv_default_policy: PolicyName = "raas"
-    kv_default_budget_tokens: int = 2048
-    # The engine's default (docs/fidelity.md): with its default refresh_top_fraction 0.25
-    # the top quarter of pages by mass counts as used and alpha 0.99 leaves it at that.
-    # The paper's 1e-4 marks every page used at every step on the bundled model, so RaaS
-    # degenerates into StreamingLLM.
-    kv_default_alpha: float = 0.99
-    # The engine's floor is two pages of 16 tokens.
-    kv_min_budget_tokens: int = Field(default=32, ge=1)
-    kv_max_budget_tokens: int = Field(default=8192, ge=1)
+    # The defaults are the engine's (raas_backend/policy_spec.py), so a request reads the
+    # same through the gateway as sent to SGLang directly.
+    kv_default_policy: PolicyName = spec.DEFAULT_POLICY
+    kv_default_budget_tokens: int = spec.DEFAULT_BUDGET_TOKENS
+    kv_default_alpha: float = spec.DEFAULT_ALPHA
+    # The engine's page size (the same RAAS_PAGE_SIZE the embedded engine reads); the
+    # budget floor is two of its pages.
+    page_size: int = Field(default=spec.DEFAULT_PAGE_SIZE, ge=1)
+    # Unset: the engine's floor, two pages. A higher floor is a server policy; a lower one
+    # is refused, as the engine would refuse every request under it.
+    kv_min_budget_tokens: int = Field(default=spec.min_budget_tokens(), ge=1)
+    kv_max_budget_tokens: int = Field(default=spec.MAX_BUDGET_TOKENS, ge=1)
     # Bytes one token's K and V take across all layers; None reads the model's config.json.
     kv_bytes_per_token: int | None = Field(default=None, ge=1)
 
@@ -143,8 +145,8 @@ class Settings(BaseSettings):
     @field_validator("kv_default_alpha")
     @classmethod
     def _alpha_range(cls, value: float) -> float:
-        if not (math.isfinite(value) and 0.0 <= value < 1.0):
-            raise ValueError(f"expected alpha in [0, 1), got {value}")
+        if problem := spec.alpha_problem(value):
+            raise ValueError(problem)
         return value
 
     @model_validator(mode="after")
@@ -155,6 +157,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"expected kv_default_policy among {self.kv_allowed_policies}, "
                 f"got {self.kv_default_policy!r}"
+            )
+        floor = spec.min_budget_tokens(self.page_size)
+        if "kv_min_budget_tokens" not in self.model_fields_set:
+            self.kv_min_budget_tokens = floor
+        elif self.kv_min_budget_tokens < floor:
+            raise ValueError(
+                f"expected kv_min_budget_tokens >= {floor} ({spec.MIN_BUDGET_PAGES} pages of "
+                f"{self.page_size}), got {self.kv_min_budget_tokens}"
             )
         if self.kv_min_budget_tokens > self.kv_max_budget_tokens:
             raise ValueError(
