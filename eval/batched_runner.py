@@ -5,9 +5,11 @@ grid is hundreds of (configuration, sequence) pairs, which one at a time does no
 2-core CPU. Here batch row b runs configuration b: every row is fed the same tokens
 (teacher forcing) or its own greedy tokens (free running), keeps its own full KV cache,
 and at each decode step attends only to the positions its policy retains, through a
-per-row mask over that cache. Bookkeeping is the same `RequestKV` the reference and the
-engine use; the masked softmax over the full cache equals the reference's softmax over
-the gathered positions. tests/test_fidelity_smoke.py checks the two agree row by row.
+per-row, per-KV-head mask over that cache (quest's per-KV-group selection gives each KV
+head its own pages; every other policy sets all heads alike). Bookkeeping is the same
+`RequestKV` the reference and the engine use; the masked softmax over the full cache
+equals the reference's softmax over the gathered positions. tests/test_fidelity_smoke.py
+checks the two agree row by row.
 
 Page scores are computed for every row under all four aggregations (max/mean over heads
 x max/mean over layers) at once; each row's policy receives its own aggregation, and
@@ -61,14 +63,18 @@ class _Run:
     the next slot, with a copy of row 0's cache.
     """
 
-    def __init__(self, capacity: int, prompt_len: int, max_len: int, page_size: int) -> None:
+    def __init__(
+        self, capacity: int, prompt_len: int, max_len: int, page_size: int, num_kv_heads: int
+    ) -> None:
         self.states: list[RequestKV] = []  # by slot
         self.prompt_len = prompt_len
         self.page_size = page_size
+        self.num_kv_heads = num_kv_heads
         self.max_pages = -(-(max_len - prompt_len) // page_size)
         width = prompt_len + self.max_pages * page_size
-        self.mask = torch.zeros(capacity, width, dtype=torch.bool)
-        self.mask[:, :prompt_len] = True
+        # [slot, KV head, position]: what each KV head of each row attends.
+        self.mask = torch.zeros(capacity, num_kv_heads, width, dtype=torch.bool)
+        self.mask[:, :, :prompt_len] = True
         self.capacity = capacity
         self.max_len = max_len
         self.keys: dict[int, torch.Tensor] = {}
@@ -103,11 +109,20 @@ class _Run:
         self.keys[layer][:b, :, start : start + n] = key
         self.values[layer][:b, :, start : start + n] = value
 
-    def set_pages(self, row: int, pages: list[int]) -> None:
+    def set_pages(self, row: int, pages: list[int], kv_head: int | None = None) -> None:
+        """The row's attended decode pages, for one KV head or (None) for all of them."""
         on = torch.zeros(self.max_pages, dtype=torch.bool)
         if pages:
             on[torch.tensor(pages)] = True
-        self.mask[row, self.prompt_len :] = on.repeat_interleave(self.page_size)
+        heads = slice(None) if kv_head is None else kv_head
+        self.mask[row, heads, self.prompt_len :] = on.repeat_interleave(self.page_size)
+
+    def set_state_pages(self, row: int, state: RequestKV) -> None:
+        if state.group_pages is None:
+            self.set_pages(row, state.pages)
+            return
+        for g, pages in enumerate(state.group_pages):
+            self.set_pages(row, pages, g)
 
     def select_quest(self, query: torch.Tensor, keys: torch.Tensor, scale: float) -> None:
         """Quest rows choose this layer's pages from per-page key bounds (as reference.py)."""
@@ -128,7 +143,9 @@ class _Run:
         bounds = torch.maximum(q * kmin.unsqueeze(2), q * kmax.unsqueeze(2)).sum(-1) * scale
         bounds = bounds.reshape(len(rows), -1, pages).transpose(1, 2)  # [R, pages, Hq]
         for i, row in enumerate(rows):
-            self.set_pages(row, self.states[row].select_for_layer(bounds[i]))
+            state = self.states[row]
+            state.select_for_layer(bounds[i], hkv)
+            self.set_state_pages(row, state)
 
     def add_mass(self, probs: torch.Tensor) -> None:
         """Fold one layer's probabilities (shape [B, Hq, T]) into per-page scores."""
@@ -192,7 +209,7 @@ def _batched_attention(
     hkv = keys.shape[1]
     q = query.float().view(b, hkv, hq // hkv, d)
     logits = torch.matmul(q, keys.transpose(-1, -2)) * scale  # [B, Hkv, g, T]
-    logits.masked_fill_(~run.mask[:b, None, None, :t], float("-inf"))
+    logits.masked_fill_(~run.mask[:b, :, None, :t], float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     out = torch.matmul(probs, values)  # [B, Hkv, g, D]
     run.add_mass(probs.view(b, hq, t))
@@ -235,7 +252,13 @@ class BatchedPolicyRunner:
         batch = len(configs)
         prompt_len = len(prompt_ids)
         states = [RequestKV(c, prompt_len=prompt_len) for c in configs]
-        run = _Run(batch, prompt_len, prompt_len + n, configs[0].page_size)
+        run = _Run(
+            batch,
+            prompt_len,
+            prompt_len + n,
+            configs[0].page_size,
+            self.model.config.num_key_value_heads,
+        )
         # Rows join the batch lazily when row 0 is dense (see _Run); otherwise all at once.
         lazy = configs[0].name == "dense"
         slot_of = [0] * batch
@@ -273,7 +296,7 @@ class BatchedPolicyRunner:
                         pending.discard(row)
                         slot_of[row] = run.activate(state)
                 for slot, state in enumerate(run.states):
-                    run.set_pages(slot, state.pages)
+                    run.set_state_pages(slot, state)
                 if snapshot_every and (i + 1) % snapshot_every == 0:
                     result.snapshots.append((i + 1, [list(s.table.retained) for s in states]))
                 active_tokens = [0] * run.active
@@ -297,10 +320,7 @@ class BatchedPolicyRunner:
     @staticmethod
     def _feed_scores(states: list[RequestKV], scores: torch.Tensor, result: BatchResult) -> None:
         for row, state in enumerate(states):
-            table = state.table
-            result.attended_tokens[row].append(
-                table.prompt_len + sum(table.page_tokens(p) for p in state.pages)
-            )
+            result.attended_tokens[row].append(state.attended_tokens)
             if not state.needs_scores:
                 continue
             agg = AGGREGATIONS.index((state.config.head_agg, state.config.layer_agg))

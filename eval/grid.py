@@ -8,6 +8,9 @@ from raas_backend.policies import KVPolicyConfig
 
 DENSE = KVPolicyConfig(name="dense")
 LITERAL_ALPHA = 1e-4  # the paper's rule: mass > 1e-4 in any head of any layer
+# Quest with one page set per layer for all heads (quest_selection="layer"): the
+# engine's first quest, kept beside the paper's per-KV-group selection ("quest").
+QUEST_LAYER = "quest head-agg"
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,9 @@ SMOKE = Grid(
 
 
 def baseline(name: str, budget: int) -> KVPolicyConfig:
+    """A baseline by its label (a policy name, or QUEST_LAYER) at a budget."""
+    if name == QUEST_LAYER:
+        return KVPolicyConfig(name="quest", budget_tokens=budget, quest_selection="layer")
     # H2O's paper splits its budget evenly between heavy hitters and the recent window.
     recent = budget // 2 if name == "h2o" else KVPolicyConfig.recent_tokens
     return KVPolicyConfig(name=name, budget_tokens=budget, recent_tokens=recent)
@@ -94,6 +100,8 @@ def at_budget(config: KVPolicyConfig, budget: int) -> KVPolicyConfig:
 
 def label(config: KVPolicyConfig) -> str:
     """A short name for a configuration, without its budget."""
+    if config.name == "quest" and config.quest_selection == "layer":
+        return QUEST_LAYER
     if config.name != "raas":
         return config.name
     text = f"raas {config.head_agg}/{config.layer_agg} a={config.alpha:g}"

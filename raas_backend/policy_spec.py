@@ -27,6 +27,16 @@ ALPHA_POLICIES = frozenset({"raas"})
 # Dense keeps every token: it has no budget to check or echo.
 BUDGETLESS_POLICIES = frozenset({"dense"})
 
+# Quest's page selection: "kv_group" (each KV head, i.e. the query heads of one GQA group,
+# picks its own pages, as the Quest paper selects per head) or "layer" (one page set per
+# layer for every head, ranked by the bound aggregated over all query heads; the
+# engine's first quest, kept for comparison in docs/fidelity.md). An engine-side field
+# (custom_params.kv_policy); the gateway does not take it from requests yet, so requests
+# through it get the default.
+QuestSelection = Literal["kv_group", "layer"]
+QUEST_SELECTIONS: tuple[QuestSelection, ...] = get_args(QuestSelection)
+DEFAULT_QUEST_SELECTION: QuestSelection = "kv_group"
+
 # What a request may set, in the order error texts list them. page_size is an engine
 # setting (RAAS_PAGE_SIZE), never a request's.
 REQUEST_FIELDS = (
@@ -115,6 +125,12 @@ def recent_tokens_problem(value: Any) -> str | None:
     if is_int(value) and value >= 0:
         return None
     return f"expected an integer >= 0, got {value!r}"
+
+
+def quest_selection_problem(value: Any) -> str | None:
+    if value in QUEST_SELECTIONS:
+        return None
+    return f"expected one of {', '.join(QUEST_SELECTIONS)}, got {value!r}"
 
 
 def h2o_recent_problem(recent_tokens: int, budget_tokens: int, page_size: int) -> str | None:

@@ -70,10 +70,14 @@ def _policy_attention(
         pages = table.token_pages(table.retained)
         decode = pages >= 0
         kmin, kmax = page_key_bounds(keys[all_pos[decode]], pages[decode], len(table.retained))
-        state.select_for_layer(quest_bounds(q, kmin, kmax, scale))
+        state.select_for_layer(quest_bounds(q, kmin, kmax, scale), keys.shape[1])
     positions, token_page = state.positions()
     out, probs = attend_one(
-        q, keys.index_select(0, positions), values.index_select(0, positions), scale
+        q,
+        keys.index_select(0, positions),
+        values.index_select(0, positions),
+        scale,
+        state.kv_head_mask(),
     )
     if state.needs_scores:
         state.add_layer_mass(page_mass(probs, token_page, len(state.pages)))

@@ -27,6 +27,9 @@ class RequestKV:
         self._acc: torch.Tensor | None = None
         self._layers = 0
         self.pages: list[int] = []
+        # Quest per KV group: this layer's pages of each KV head (`pages` is their union);
+        # None when every head attends `pages` (other policies, or all groups agree).
+        self.group_pages: list[list[int]] | None = None
 
     @classmethod
     def resumed(cls, prior: RequestKV, kv_len: int) -> RequestKV:
@@ -73,6 +76,7 @@ class RequestKV:
         victims = self.policy.victims()
         freed = self.table.evict(victims) if victims else []
         self.table.record_peak()
+        self.group_pages = None
         # Quest chooses its pages per layer, from that layer's query (select_for_layer).
         self.pages = (
             list(self.table.retained) if self.selects_per_layer else self.policy.attended_pages()
@@ -104,12 +108,57 @@ class RequestKV:
             self._acc += per_page
         self._layers += layers
 
-    def select_for_layer(self, bounds: torch.Tensor) -> list[int]:
-        """Quest: choose this layer's pages from bounds of shape [retained, num_qo_heads]."""
-        per_page = bounds.amax(dim=1) if self.config.head_agg == "max" else bounds.mean(dim=1)
-        # `positions()` serves this layer's attention from `self.pages`.
-        self.pages = self.policy.attended_pages(per_page.float().cpu())
+    def select_for_layer(self, bounds: torch.Tensor, num_kv_heads: int = 1) -> list[int]:
+        """Quest: choose this layer's pages from bounds of shape [retained, num_qo_heads].
+
+        With `quest_selection="kv_group"` and more than one KV head, each KV head picks its
+        own pages from the bounds of its group's query heads (query head h belongs to KV
+        head h // (num_qo_heads // num_kv_heads), as in GQA); `group_pages` then holds
+        them and `kv_head_mask()` says which attended positions each KV head sees. With
+        one KV head, or `quest_selection="layer"`, one set serves every head.
+        Returns the pages attended by any head (`pages`).
+        """
+        agg = self.config.head_agg
+        if self.config.quest_selection == "layer" or num_kv_heads == 1:
+            per_page = bounds.amax(dim=1) if agg == "max" else bounds.mean(dim=1)
+            # `positions()` serves this layer's attention from `self.pages`.
+            self.pages = self.policy.attended_pages(per_page.float().cpu())
+            self.group_pages = None
+            return self.pages
+        n, hq = bounds.shape
+        if hq % num_kv_heads:
+            raise ValueError(
+                f"expected num_qo_heads divisible by num_kv_heads, got {hq}/{num_kv_heads}"
+            )
+        grouped = bounds.reshape(n, num_kv_heads, hq // num_kv_heads)
+        per_group = grouped.amax(dim=2) if agg == "max" else grouped.mean(dim=2)
+        groups = self.policy.attended_pages_per_group(per_group.float().cpu())
+        self.pages = list(self.policy._last_attended)
+        # Every head attending the same pages (e.g. before the budget binds) needs no mask.
+        self.group_pages = None if all(g == self.pages for g in groups) else groups
         return self.pages
+
+    def kv_head_mask(self) -> torch.Tensor | None:
+        """Which KV heads see each position of `positions()`: shape [n, num_kv_heads],
+        dtype torch.bool (the prompt is seen by all), or None when every head sees all."""
+        if self.group_pages is None:
+            return None
+        index = {p: i for i, p in enumerate(self.pages)}
+        on = torch.zeros(len(self.pages), len(self.group_pages), dtype=torch.bool)
+        for g, pages in enumerate(self.group_pages):
+            on[[index[p] for p in pages], g] = True
+        counts = torch.tensor([self.table.page_tokens(p) for p in self.pages])
+        prompt = torch.ones(self.table.prompt_len, len(self.group_pages), dtype=torch.bool)
+        return torch.cat([prompt, on.repeat_interleave(counts, dim=0)])
+
+    @property
+    def attended_tokens(self) -> int:
+        """KV tokens one head attends this step (per KV head for quest per group: the
+        largest of its groups' counts)."""
+        groups = self.group_pages if self.group_pages is not None else [self.pages]
+        return self.table.prompt_len + max(
+            sum(self.table.page_tokens(p) for p in g) for g in groups
+        )
 
     def _finish_scores(self) -> torch.Tensor:
         n = len(self.policy._last_attended)

@@ -33,7 +33,7 @@ from eval.fidelity_metrics import FidelityObserver, first_divergence
 from eval.grid import SMOKE
 from eval.milestones import analyse, used_matrix
 from eval.report import markdown
-from eval.study import load_model, resume_study, run_study
+from eval.study import load_model, rerun_baselines, resume_study, run_study
 from raas_backend.policies import KVPolicyConfig
 from raas_backend.reference import PolicyRunner
 
@@ -43,6 +43,7 @@ CONFIGS = [
     KVPolicyConfig(name="streaming", budget_tokens=32),
     KVPolicyConfig(name="h2o", budget_tokens=48, recent_tokens=16),
     KVPolicyConfig(name="quest", budget_tokens=32),
+    KVPolicyConfig(name="quest", budget_tokens=32, quest_selection="layer"),
     KVPolicyConfig(name="raas", budget_tokens=32, alpha=0.1),
     KVPolicyConfig(name="raas", budget_tokens=32, alpha=1e-3, head_agg="mean", layer_agg="mean"),
     KVPolicyConfig(name="raas", budget_tokens=32, alpha=0.5, refresh_top_fraction=0.3),
@@ -124,6 +125,29 @@ def test_study_smoke(bundled_model_path, corpus, tmp_path):
     assert results["choice"]["label"].startswith("raas")
     for name in ("kl_vs_budget", "variants", "memory", "milestones"):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    # Both quests are in every table; the raas-vs-quest target is checked against each.
+    labels = {r["label"] for r in rows}
+    assert {"quest", "quest head-agg"} <= labels
+    doc = markdown(results, plots=tmp_path, doc=tmp_path / "fidelity.md")
+    assert "raas <= 1.5 x quest" in doc or "raas / quest mean-KL" in doc
+    assert "| quest head-agg |" in doc and "| quest |" in doc
+
+    # A rerun of one baseline replaces its rows with the same figures (rows of a batch
+    # never interact) and leaves every other row as it was.
+    def key(r):
+        return (r["sequence"], r["label"], r["budget"])
+
+    before = {key(r): r for r in rows}
+    rerun = rerun_baselines(model, corpus, SMOKE, tmp_path, ("quest",))
+    after = {key(r): r for r in rerun["teacher_forced"]}
+    assert after.keys() == before.keys()
+    for k, r in after.items():
+        if k[1] == "quest":
+            assert r["stage"] == before[k]["stage"]
+            assert r["mean_kl"] == pytest.approx(before[k]["mean_kl"], rel=1e-3, abs=1e-7)
+        else:
+            assert r == json.loads(json.dumps(before[k]))
+    assert json.loads((tmp_path / "results.json").read_text()) == rerun
 
 
 def test_study_resumes_the_batches_a_time_limit_skipped(bundled_model_path, corpus, tmp_path):

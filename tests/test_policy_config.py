@@ -26,6 +26,7 @@ FIELDS = (
     "layer_agg",
     "refresh_top_fraction",
     "recent_tokens",
+    "quest_selection",
     "page_size",
 )
 
@@ -113,6 +114,22 @@ def test_refresh_top_fraction_rejected(bad):
 @pytest.mark.parametrize("bad", [-1, 1.0, "8", True, False, None])
 def test_recent_tokens_rejected(bad):
     _rejects("recent_tokens", recent_tokens=bad)
+
+
+def test_quest_selection_defaults_to_per_kv_group_and_is_checked():
+    assert KVPolicyConfig(name="quest").quest_selection == "kv_group"
+    assert KVPolicyConfig(name="quest", quest_selection="layer").quest_selection == "layer"
+    for bad in ("head", "KV_GROUP", "", None, 1):
+        _rejects("quest_selection", name="quest", quest_selection=bad)
+    # A kv_policy without the field (every request before it existed) keeps working.
+    merged = KVPolicyConfig.from_dict({"name": "quest", "budget_tokens": 64}, KVPolicyConfig())
+    assert merged.quest_selection == "kv_group"
+    assert (
+        KVPolicyConfig.from_dict(
+            {"name": "quest", "quest_selection": "layer"}, KVPolicyConfig()
+        ).quest_selection
+        == "layer"
+    )
 
 
 def test_h2o_recent_window_must_leave_room_for_a_page():

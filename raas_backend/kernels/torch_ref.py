@@ -19,10 +19,14 @@ def attend_one(
     k: torch.Tensor,
     v: torch.Tensor,
     sm_scale: float,
+    kv_head_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One request's decode attention over gathered keys/values.
 
     q: shape [num_qo_heads, head_dim]; k, v: shape [n, num_kv_heads, head_dim].
+    kv_head_mask: shape [n, num_kv_heads], dtype torch.bool, or None: which tokens each
+        KV head (and the query heads of its group) attends; None: all of them. Every
+        head must see at least one token.
     Returns (out: [num_qo_heads, head_dim] in q's dtype, probs: [num_qo_heads, n] float32).
     """
     hq, d = q.shape
@@ -36,6 +40,12 @@ def attend_one(
     kf = k.float().permute(1, 0, 2)
     vf = v.float().permute(1, 0, 2)
     logits = torch.matmul(qf, kf.transpose(1, 2)) * sm_scale  # [hkv, group, n]
+    if kv_head_mask is not None:
+        _check(
+            tuple(kv_head_mask.shape) == (n, hkv),
+            f"expected kv_head_mask of shape {(n, hkv)}, got {tuple(kv_head_mask.shape)}",
+        )
+        logits.masked_fill_(~kv_head_mask.T.unsqueeze(1), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     out = torch.matmul(probs, vf).reshape(hq, d)
     return out.to(q.dtype), probs.reshape(hq, n)
@@ -62,6 +72,7 @@ def sparse_decode(
     sm_scale: float,
     token_page: torch.Tensor | None = None,
     num_pages: int = 0,
+    kv_head_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Decode attention for a batch over each request's retained slots.
 
@@ -72,6 +83,8 @@ def sparse_decode(
     kv_indices: shape [nnz], dtype int64, slots in the pool.
     token_page: shape [nnz], dtype int64, the scored page (global id in [0, num_pages))
         of each listed token, or -1 for tokens that are not scored. None: no scoring.
+    kv_head_mask: shape [nnz, num_kv_heads], dtype torch.bool, or None: which KV heads
+        attend each listed token (quest per KV group); None: every head attends all.
     Returns (out: [batch, num_qo_heads, head_dim], page_mass: [num_pages, num_qo_heads]
     float32, or None without token_page): the attention probability mass of each page.
     """
@@ -90,7 +103,8 @@ def sparse_decode(
         # index_select copies whole rows; advanced indexing goes element by element (4x).
         keys = k_buffer.index_select(0, idx)
         values = v_buffer.index_select(0, idx)
-        o, probs = attend_one(q[b], keys, values, sm_scale)
+        mask = None if kv_head_mask is None else kv_head_mask[lo:hi]
+        o, probs = attend_one(q[b], keys, values, sm_scale, mask)
         out[b] = o
         if token_page is not None:
             all_probs.append(probs)

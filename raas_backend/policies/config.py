@@ -66,6 +66,10 @@ class KVPolicyConfig:
         per page and step (one slot serves every head and layer).
     refresh_top_fraction : raas only; if > 0, the paper's adaptive variant: the top
         fraction of pages by mass is also marked used at each step.
+    quest_selection : quest only; ``kv_group`` (default, the paper's): every KV head
+        attends its own top pages, ranked by the bound aggregated (``head_agg``) over the
+        query heads of its GQA group; ``layer``: one page set per layer, ranked by the
+        bound aggregated over all query heads.
     recent_tokens : h2o only; the most recent decode tokens are protected from eviction.
     page_size : tokens per logical page (an engine setting, not a per-request one).
     """
@@ -77,6 +81,7 @@ class KVPolicyConfig:
     layer_agg: Aggregation = DEFAULT_LAYER_AGG
     refresh_top_fraction: float = DEFAULT_REFRESH_TOP_FRACTION
     recent_tokens: int = DEFAULT_RECENT_TOKENS
+    quest_selection: spec.QuestSelection = spec.DEFAULT_QUEST_SELECTION
     page_size: int = DEFAULT_PAGE_SIZE
 
     def __post_init__(self) -> None:
@@ -97,6 +102,8 @@ class KVPolicyConfig:
                 raise PolicyConfigError(agg_field, problem)
         if problem := spec.refresh_top_fraction_problem(self.refresh_top_fraction):
             raise PolicyConfigError("refresh_top_fraction", problem)
+        if problem := spec.quest_selection_problem(self.quest_selection):
+            raise PolicyConfigError("quest_selection", problem)
         if problem := spec.recent_tokens_problem(self.recent_tokens):
             raise PolicyConfigError("recent_tokens", problem)
         if self.name == "h2o" and (

@@ -48,6 +48,9 @@ class DecodeIndex:
     rows: list[int]
     any_scores: bool
     any_per_layer: bool
+    # shape [nnz, num_kv_heads], dtype torch.bool: which KV heads attend each listed
+    # token (quest per KV group, set per layer by _select_per_layer); None: all of them.
+    kv_head_mask: torch.Tensor | None = None
 
 
 class RaasAttnBackend(TorchNativeAttnBackend):
@@ -125,6 +128,7 @@ class RaasAttnBackend(TorchNativeAttnBackend):
             layer.scaling,
             index.token_page if index.any_scores else None,
             index.page_offsets[-1],
+            **({} if index.kv_head_mask is None else {"kv_head_mask": index.kv_head_mask}),
         )
         if page_mass is not None:
             # One reduction over heads per aggregation for the whole batch, then one
@@ -155,11 +159,18 @@ class RaasAttnBackend(TorchNativeAttnBackend):
     def _select_per_layer(
         self, index: DecodeIndex, q: torch.Tensor, k_buffer: torch.Tensor, scale: float
     ) -> DecodeIndex:
-        """Quest requests pick this layer's pages from its query; others keep theirs."""
+        """Quest requests pick this layer's pages from its query; others keep theirs.
+
+        Under quest's per-KV-group selection a request lists the union of its KV heads'
+        pages and `kv_head_mask` says which head attends which token (the torch path
+        masks the others out; the CUDA path does not serve quest).
+        """
         rtt = self.req_to_token_pool.req_to_token
+        num_kv_heads = k_buffer.shape[1]
         indptr = [0]
         indices: list[torch.Tensor] = []
         token_pages: list[torch.Tensor] = []
+        masks: list[torch.Tensor | None] = []
         bounds = index.kv_indptr.tolist()
         for b, state in enumerate(index.states):
             lo, hi = bounds[b], bounds[b + 1]
@@ -167,6 +178,7 @@ class RaasAttnBackend(TorchNativeAttnBackend):
                 # Co-batched raas/h2o requests keep their index and their scores.
                 idx = index.kv_indices[lo:hi]
                 pages = index.token_page[lo:hi]
+                masks.append(None)
             else:
                 table = state.table
                 all_pos = table.retained_positions(table.retained)
@@ -174,7 +186,8 @@ class RaasAttnBackend(TorchNativeAttnBackend):
                 decode = page_of >= 0
                 slots = rtt[index.rows[b], all_pos[decode].to(rtt.device)].to(torch.int64)
                 kmin, kmax = page_key_bounds(k_buffer[slots], page_of[decode], len(table.retained))
-                state.select_for_layer(quest_bounds(q[b], kmin, kmax, scale))
+                state.select_for_layer(quest_bounds(q[b], kmin, kmax, scale), num_kv_heads)
+                masks.append(state.kv_head_mask())
                 positions, _ = state.positions()
                 idx = rtt[index.rows[b], positions.to(rtt.device)].to(torch.int64)
                 pages = torch.full((idx.numel(),), -1, dtype=torch.int64, device=idx.device)
@@ -190,4 +203,23 @@ class RaasAttnBackend(TorchNativeAttnBackend):
             rows=index.rows,
             any_scores=index.any_scores,
             any_per_layer=True,
+            kv_head_mask=_joined_masks(masks, indices, num_kv_heads),
         )
+
+
+def _joined_masks(
+    masks: list[torch.Tensor | None], indices: list[torch.Tensor], num_kv_heads: int
+) -> torch.Tensor | None:
+    """One [nnz, num_kv_heads] mask for the batch (rows without one: every head attends
+    every token), or None when no request has one."""
+    if all(m is None for m in masks):
+        return None
+    device = indices[0].device
+    return torch.cat(
+        [
+            torch.ones(idx.numel(), num_kv_heads, dtype=torch.bool, device=device)
+            if m is None
+            else m.to(device)
+            for m, idx in zip(masks, indices, strict=True)
+        ]
+    )
