@@ -19,6 +19,20 @@ Bounds live in a per-layer pool ``kmin``/``kmax`` of shape
 values is exact in bf16), indexed by the request's ``req_to_token`` row and logical page.
 `update_page_bounds` folds the newest token of every request in; `build_page_bounds`
 fills a pool from an existing cache.
+
+This is the head-aggregated selection (``quest_selection="layer"``), one list per request.
+The paper's per-KV-group selection, quest's default on the CPU path (each KV head attends
+its own pages: `raas_backend.request_kv.RequestKV.select_for_layer`), is not here yet, so
+the engine refuses quest on CUDA at request validation. It would need: the score kernel
+to store each KV head's group bound (``Score[b, h, page]``, the loop over ``h`` without
+the max across heads) and ``torch.topk`` over [B, num_kv_heads, width]; one list per
+(request, KV head), of the same host-known length (prompt + budget), filled per layer by
+`quest_fill` with a head index in its grid; and a decode over per-head lists: FlashInfer
+planned for B * num_kv_heads requests of one KV head each (q viewed as [B * num_kv_heads,
+group, head_dim], the NHD cache as [slots * num_kv_heads, 1, head_dim], so the list of
+(b, h) holds ``slot * num_kv_heads + h``), or the Triton split-KV kernel, whose programs
+already run per (request, KV head), reading a per-head list. The lists are num_kv_heads
+times longer; the K/V bytes read stay those of budget tokens per KV head, as now.
 """
 
 from __future__ import annotations
