@@ -1,8 +1,10 @@
 """What the gateway costs: the same chat requests sent to SGLang directly and through the
 gateway, side by side in one run.
 
-Issue target: gateway overhead p50 <= 2 ms, and throughput within 5% of calling SGLang
-directly.
+Target (issue 25), measured with the gateway on its own core (`--pin`): the gateway's
+overhead is <= 1 % of the end-to-end latency of a 128-token answer (the median paired
+overhead over the direct arm's median e2e, `--latency-max-tokens 128`), and its
+throughput is >= 97 % of calling SGLang directly.
 
 Set-up. One real SGLang engine (`--attention-backend raas`; by default the tiny
 random-weight Llama of tests/support/tiny_model.py, so that engine time is small and the
@@ -86,10 +88,9 @@ from benchmarks.cpu_decode import (  # noqa: E402
     package_version,
     terminate,
 )
-from benchmarks.hop_trace import hop_probe  # noqa: E402
-from service.chat.request import upstream_body  # noqa: E402
-from service.chat.kv_policy import PolicyLimits, resolve_request  # noqa: E402
 from service.api.schemas import ChatCompletionRequest  # noqa: E402
+from service.chat.kv_policy import PolicyLimits, resolve_request  # noqa: E402
+from service.chat.request import upstream_body  # noqa: E402
 from service.server.settings import Settings  # noqa: E402
 from tests.support.gateway_server import wait_ready  # noqa: E402
 from tests.support.sglang_server import (  # noqa: E402
@@ -109,8 +110,8 @@ PROMPT = [{"role": "user", "content": "Name three colours and say why the sky is
 ARMS = ("direct", "gateway")
 MODES = ("nonstream", "stream")
 QUANTILES = (50, 90, 99)
-TARGET_OVERHEAD_P50_MS = 2.0
-TARGET_THROUGHPUT_RATIO = 0.95
+TARGET_OVERHEAD_SHARE = 0.01
+TARGET_THROUGHPUT_RATIO = 0.97
 # The gateway under cProfile with a CPU-time clock: on a shared machine a wall clock
 # charges other processes' time slices to whatever function was running. uvicorn returns
 # from main() on SIGTERM, so the stats get written.
@@ -474,17 +475,6 @@ def parse_cpus(text: str) -> set[int]:
     return cpus
 
 
-def start_hop_trace(directory: Path) -> Callable[[str], None]:
-    """Trace this process (the client) now, and every process started from here on (the
-    engine, the gateway) through the probe's sitecustomize on their PYTHONPATH."""
-    probe_dir = Path(__file__).resolve().parent / "hop_trace"
-    directory.mkdir(parents=True, exist_ok=True)
-    os.environ[hop_probe.ENV] = str(directory.resolve())
-    paths = [str(probe_dir), os.environ.get("PYTHONPATH", "")]
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    return hop_probe.install(str(directory))
-
-
 def parse_cpu_arg(text: str) -> set[int]:
     try:
         cpus = parse_cpus(text)
@@ -672,19 +662,20 @@ def target_row(
 
 def targets(latency: dict[str, Any], throughput: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    limit = TARGET_OVERHEAD_P50_MS
+    limit = TARGET_OVERHEAD_SHARE
     for mode, res in latency.items():
-        for metric in ("e2e", "ttft"):
-            if f"overhead_{metric}_ms" not in res:
-                continue
-            rows.append(
-                target_row(
-                    f"gateway overhead p50 <= {limit:g} ms ({mode} {metric.upper()})",
-                    res[f"overhead_{metric}_ms"]["p50"],
-                    res.get(f"overhead_{metric}_p50_ci95_ms"),
-                    lambda x: x <= limit,
-                )
+        # The overhead as a share of what a client waits for the answer anyway.
+        direct_ms = res["e2e_ms"]["direct"]["p50"]
+        ci = res.get("overhead_e2e_p50_ci95_ms")
+        rows.append(
+            target_row(
+                f"gateway overhead p50 <= {limit:.0%} of direct e2e p50 "
+                f"({mode}, {res['max_tokens']} tokens)",
+                res["overhead_e2e_ms"]["p50"] / direct_ms,
+                [c / direct_ms for c in ci] if ci else None,
+                lambda x: x <= limit,
             )
+        )
     for level in throughput:
         # Judged on the paired estimate (geometric mean of the rounds' ratios); the ratio
         # of the arms' totals is in the table and the JSON beside it.
@@ -781,7 +772,7 @@ def build_parser() -> argparse.ArgumentParser:
         "would: each chunk then reaches an idle gateway",
     )
     parser.add_argument("--pairs", type=int, default=200, help="latency pairs per mode")
-    parser.add_argument("--latency-max-tokens", type=int, default=8)
+    parser.add_argument("--latency-max-tokens", type=int, default=128)
     parser.add_argument("--warmup-pairs", type=int, default=10)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--requests", type=int, default=96, help="requests per block")
@@ -794,7 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--throughput-max-tokens", type=int, default=32)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--budget-tokens", type=int, default=2048, help="kv_policy budget")
+    parser.add_argument("--budget-tokens", type=int, default=1024, help="kv_policy budget")
     parser.add_argument(
         "--sleep-on-idle",
         action="store_true",
@@ -817,13 +808,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--gateway-profile", type=Path, help="run the gateway under cProfile (CPU time), stats here"
-    )
-    parser.add_argument(
-        "--hop-trace",
-        type=Path,
-        metavar="DIR",
-        help="log every HTTP hop of the client, gateway and engine into DIR (a few us per "
-        "event in each process); read it with benchmarks/hop_report.py",
     )
     return parser
 
@@ -864,7 +848,6 @@ async def run_phases(
     ends: Endpoints,
     meter_for: Callable[[], CpuMeter],
     results: Results,
-    mark: Callable[[str], None] | None = None,
 ) -> None:
     latency, cpu, throughput = results.latency, results.latency_cpu, results.throughput
     for mode in args.modes:
@@ -879,8 +862,6 @@ async def run_phases(
         used["gateway_cpu_ms_per_request"] = 1000 * used["gateway_cpu_s"] / gateway_requests
         cpu[f"latency_{mode}"] = used
         results.save()
-    if mark is not None:
-        mark("throughput")
     for mode in args.modes:
         for conc in args.concurrency:
             log(f"throughput: {mode}, concurrency {conc}")
@@ -903,7 +884,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.client_cpus is not None and args.pin is None:
         parser.error("--client-cpus needs --pin")
     started = dt.datetime.now(dt.UTC)
-    mark = None if args.hop_trace is None else start_hop_trace(args.hop_trace)
     with tempfile.TemporaryDirectory(prefix="gateway-overhead-") as tmp:
         workdir = Path(tmp)
         if args.model_path is None:
@@ -945,7 +925,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "kv_policy": kv,
                 "gateway": "separate process (raas-serve serve, remote mode, log level info)",
                 "gateway_profiled": args.gateway_profile is not None,
-                "hop_traced": args.hop_trace is not None,
                 "pinned": args.pin is not None,
                 "client_cpus": sorted(args.client_cpus) if args.client_cpus else None,
             },
@@ -985,7 +964,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             def meter_for() -> CpuMeter:
                 return CpuMeter(proc.pid, engine.pid)
 
-            asyncio.run(run_phases(args, ends, meter_for, results, mark))
+            asyncio.run(run_phases(args, ends, meter_for, results))
     results.header["wall_s"] = round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1)
     if args.gateway_profile is not None:
         results.header["gateway_profile"] = profile_shares(args.gateway_profile)

@@ -13,11 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from fastapi import APIRouter, FastAPI
-from fastapi.routing import APIRoute
+from fastapi import FastAPI
 
 from service.api.api_keys import load_key_store
-from service.api.chat_dispatch import ChatDispatch
 from service.api.errors import install_error_handlers
 from service.api.routes import chat, health, metrics, models
 from service.chat.admission import AdmissionController
@@ -129,21 +127,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = openapi  # type: ignore[method-assign]
     for module in (chat, models, health, metrics):
         app.include_router(module.router)
-    # Added first, so it sits inside the metrics middleware (each add wraps the last).
-    app.add_middleware(
-        ChatDispatch,
-        path=chat.CHAT_PATH,
-        route=_route(chat.router, chat.CHAT_PATH, "POST"),
-        handler=chat.create_chat_completion,
-    )
     app.add_middleware(HttpMetricsMiddleware, metrics=gateway_metrics)
     return app
-
-
-def _route(router: APIRouter, path: str, method: str) -> APIRoute:
-    # The router's declared route: the framework records this object (or, through an
-    # included router, one with the same path, which is all the metrics label reads).
-    for route in router.routes:
-        if isinstance(route, APIRoute) and route.path == path and method in route.methods:
-            return route
-    raise LookupError(f"no route {method} {path}")

@@ -412,9 +412,9 @@ def http_requests(url: str, code: str) -> float:
 
 
 def test_a_bug_in_the_chat_path_is_a_500_in_openai_shape_and_the_gateway_serves_on(engine):
-    """The chat route is dispatched past the framework's router (service/api/chat_dispatch.py):
-    an unexpected exception there must still reach the server-error handler, as OpenAI's
-    500 with nothing of the exception in it, and be counted under the chat route."""
+    """An unexpected exception on the chat route must reach the server-error handler, as
+    OpenAI's 500 with nothing of the exception in it, and be counted under the chat
+    route."""
     settings = Settings(
         engine_mode="remote",
         engine_url=engine[1],

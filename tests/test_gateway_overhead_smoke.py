@@ -140,7 +140,7 @@ def test_throughput_blocks_and_ratios(results):
 
 def test_targets_are_judged_and_printed(results):
     data, table = results
-    assert len(data["targets"]) == 3 + len(data["throughput"])
+    assert len(data["targets"]) == len(data["latency"]) + len(data["throughput"])
     for row in data["targets"]:
         assert isinstance(row["met"], bool) and finite(row["measured"])
         assert isinstance(row["resolved"], bool)

@@ -10,9 +10,9 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from service.engine.client import EngineTimeout
 from service.chat.kv_policy import EffectivePolicy, KvCacheUsage
 from service.chat.stream_relay import RelayResponse, StreamRelay
+from service.engine.client import EngineTimeout
 
 POLICY = EffectivePolicy(name="raas", budget_tokens=256, alpha=0.1)
 
@@ -223,9 +223,9 @@ def test_client_hanging_up_on_a_silent_engine_ends_the_response_at_once():
 
 
 def test_after_a_hang_up_the_request_task_runs_on_uncancelled():
-    """The relay runs in the request's task and the watcher cancels that task when the
-    client leaves; the cancellation is taken back, so what wraps the response (the
-    metrics middleware, the server's own bookkeeping) can still await."""
+    """The client leaving cancels the relay's own scope, not the request's task: what
+    wraps the response (the metrics middleware, the server's own bookkeeping) can still
+    await."""
     upstream = Silent([b"data: " + chunk("Hi")])
     response, finishes = response_for(upstream)
 

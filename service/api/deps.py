@@ -2,9 +2,7 @@
 
 Everything comes from `app.state`, filled by the lifespan in `app.py`. All are `async
 def`: FastAPI runs plain `def` dependencies in a thread pool, a hop per dependency that
-costs more than the work itself. The chat route, the hot path, uses none: it calls
-`service.chat.input` directly, since solving a dependency graph per request costs more
-than the checks do.
+costs more than the work itself.
 """
 
 from __future__ import annotations

@@ -203,9 +203,9 @@ class ChatService:
     async def _send(self, request: Request, body: dict[str, Any]) -> EngineStream | dict[str, Any]:
         if body.get("stream"):
             return await until_disconnect(
-                request, self._engine.open_stream(body), on_orphan=EngineStream.close
+                request.receive, self._engine.open_stream(body), on_orphan=_close_stream
             )
-        return await until_disconnect(request, self._engine.chat(body))
+        return await until_disconnect(request.receive, self._engine.chat(body))
 
     async def _completed(
         self,
@@ -246,10 +246,12 @@ class ChatService:
             if ticket is not None:
                 return ticket
             # `acquire` tries again before it queues: a slot freed before its task runs
-            # must be taken, not waited for. A ticket won just as this request is
-            # cancelled would hold its slot forever: it is released.
+            # must be taken, not waited for. A ticket won just as the client leaves would
+            # hold its slot forever: it is released.
             return await until_disconnect(
-                request, self._admission.acquire(key_id, key_limit), on_orphan=Ticket.release
+                request.receive,
+                self._admission.acquire(key_id, key_limit),
+                on_orphan=_release_ticket,
             )
         except AdmissionRejected as exc:
             self._metrics.admission_rejections.labels(exc.reason.value).inc()
@@ -297,3 +299,11 @@ class ChatService:
 
     def _outcome(self, call: Call, outcome: str) -> None:
         self._metrics.record_outcome(policy=call.policy.name, stream=call.stream, outcome=outcome)
+
+
+async def _close_stream(stream: EngineStream) -> None:
+    await stream.aclose()
+
+
+async def _release_ticket(ticket: Ticket) -> None:
+    ticket.release()

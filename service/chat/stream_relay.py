@@ -5,28 +5,31 @@ Chunks pass through byte-for-byte except the usage chunk, which gains `usage.kv_
 are rewritten into OpenAI's error shape. Any failure mid-stream becomes an error event
 followed by `data: [DONE]`, because the status line has long been sent.
 
-`RelayResponse` owns the ASGI exchange so that a client disconnect is seen at once (a
-watcher reads `http.disconnect`) and clean-up runs exactly once, deterministically, even
-when the disconnect lands while the relay is parked at a `yield` or the request's task
-is cancelled.
+`RelayResponse` owns the ASGI exchange as Starlette's streaming response does: the relay
+runs in an anyio task group beside a watcher of `http.disconnect`, so a client that hangs
+up is seen at once, even while the engine is silent; a drain's cut cancels the same
+scope. Clean-up runs exactly once, shielded, whether the stream ended, the client left or
+the request's task was cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import structlog
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service import json_codec
 from service.api.errors import ErrorBody, ErrorDetail, clean_engine_message
-from service.chat.disconnect_guard import DisconnectWatch
+from service.chat.disconnect_guard import wait_disconnect
 from service.chat.kv_policy import EffectivePolicy, KvCacheUsage
 from service.engine.client import EngineStream, EngineTimeout, EngineUnavailable
 
@@ -120,14 +123,29 @@ class StreamRelay:
         self._on_finish = on_finish
         self._finish_called = False
         self._cut = False
+        # The scope the relay runs in (RelayResponse's): a cut cancels it.
+        self.scope: anyio.CancelScope | None = None
         self.result = StreamResult()
 
     def cut(self) -> None:
-        """End the stream now (the server is shutting down): the pending read fails and
-        the client gets a `shutting_down` error event and `[DONE]`."""
+        """End the stream now (the server is shutting down): the pending read is
+        cancelled and the client gets a `shutting_down` error event and `[DONE]`."""
         if not self.result.finished:
             self._cut = True
-            self._upstream.close()
+            if self.scope is not None:
+                self.scope.cancel()
+
+    @property
+    def cut_requested(self) -> bool:
+        return self._cut
+
+    def cut_tail(self) -> bytes | None:
+        """The last write of a stream the drain cut before it ended; None otherwise."""
+        if not self._cut or self.result.finished:
+            return None
+        self.result.outcome = "shutting_down"
+        self.result.finished = True
+        return _CUT_EVENT + DONE
 
     async def events(self) -> AsyncIterator[bytes]:
         """The client's stream, one item per write. The last item ends with `[DONE]` and
@@ -175,11 +193,7 @@ class StreamRelay:
         yield b"".join(tail) + DONE
 
     def _ended_early(self, message: str) -> list[bytes]:
-        """The last event of a stream that ended before the engine's `[DONE]`: cut by the
-        drain (the relay closed the engine's connection itself), or lost."""
-        if self._cut:
-            self.result.outcome = "shutting_down"
-            return [_CUT_EVENT]
+        """The last event of a stream that ended before the engine's `[DONE]`."""
         self.result.outcome = "engine_unavailable"
         return [error_event(message, "server_error", "engine_unavailable")]
 
@@ -235,33 +249,26 @@ class RelayResponse(Response):
         self.relay = relay
         self.status_code = 200
         self.background = None
+        self._client_gone = False
         self.init_headers(
             {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})}
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # The relay runs in the request's own task, which the watch cancels when the
-        # client leaves (see DisconnectWatch): no second task to start, wake for every
-        # event, and hand the end over from.
         events = self.relay.events()
-        watch = DisconnectWatch(receive)
-        cancelled = False
-        write_failed = False
+        # Stream over, client gone, cut or this task cancelled: the clean-up runs to its
+        # end either way, once, or the request's slot and its connection would leak.
         try:
-            write_failed = await self._pump(send, events)
+            await self._relay(receive, send, events)
         except asyncio.CancelledError:
-            if not watch.take_back():
-                cancelled = True  # server shutdown (perhaps as well as the client leaving)
-                raise
-        finally:
-            watch.stop()
-            # Stream over, client gone or this task cancelled: the clean-up runs to its
-            # end either way, once, or the request's slot and its connection would leak.
-            client_gone = watch.client_left or write_failed
-            await _shielded(self._end(events, client_gone), cancelled=cancelled)
+            await _shielded(self._end(events), cancelled=True)
+            raise
+        except BaseException:
+            await _shielded(self._end(events))
+            raise
+        await _shielded(self._end(events))
 
-    async def _pump(self, send: Send, events: AsyncIterator[bytes]) -> bool:
-        """Relay the stream; True when the client turned out to be gone."""
+    async def _relay(self, receive: Receive, send: Send, events: AsyncIterator[bytes]) -> None:
         try:
             await send(
                 {
@@ -270,6 +277,32 @@ class RelayResponse(Response):
                     "headers": self.raw_headers,
                 }
             )
+        except OSError:
+            self._client_gone = True
+            return
+        async with anyio.create_task_group() as group:
+            self.relay.scope = group.cancel_scope
+            if self.relay.cut_requested:  # cut before it started
+                group.cancel_scope.cancel()
+
+            async def watch() -> None:
+                with contextlib.suppress(Exception):  # a failed receive: gone too
+                    await wait_disconnect(receive)
+                self._client_gone = True
+                group.cancel_scope.cancel()
+
+            group.start_soon(watch)
+            if await self._pump(send, events):
+                self._client_gone = True
+            group.cancel_scope.cancel()
+        tail = None if self._client_gone else self.relay.cut_tail()
+        if tail is not None:
+            with contextlib.suppress(OSError):
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    async def _pump(self, send: Send, events: AsyncIterator[bytes]) -> bool:
+        """Relay the stream; True when the client turned out to be gone."""
+        try:
             async for chunk in events:
                 # The relay's last item (it always yields one) ends the response.
                 last = self.relay.result.finished
@@ -278,17 +311,18 @@ class RelayResponse(Response):
             return True
         return False
 
-    async def _end(self, events: AsyncGenerator[bytes, None], client_gone: bool) -> None:
+    async def _end(self, events: AsyncGenerator[bytes, None]) -> None:
         try:
             await events.aclose()
         finally:
-            await self.relay.finish(client_gone)
+            await self.relay.finish(self._client_gone)
 
 
 async def _shielded(work: Coroutine[Any, Any, None], *, cancelled: bool = False) -> None:
-    """Run `work` to its end even if the caller is cancelled meanwhile (or already was:
-    `cancelled`); the cancellation is then raised (as an anyio shielded scope would),
-    and a failure of `work` logged rather than raised in its place."""
+    """Run `work` to its end even if the caller is cancelled meanwhile, however often (or
+    already was: `cancelled`); the cancellation is then raised, and a failure of `work`
+    logged rather than raised in its place. An anyio shielded scope does not hold off a
+    plain `Task.cancel()`, which is how a server's shutdown cancels a request."""
     task = asyncio.ensure_future(work)
     while not task.done():
         try:

@@ -1,8 +1,9 @@
-"""HTTP client for SGLang's own endpoints. The gateway never imports SGLang.
+"""HTTP client for SGLang's own endpoints, on httpx. The gateway never imports SGLang.
 
-The HTTP itself is service/engine/http_pool.py, a small keep-alive HTTP/1.1 client: the
-upstream hop is on every request's path, and general-purpose clients cost most of the
-gateway's cold path (see docs/benchmarks.md, "Gateway overhead").
+Every request goes out once: the transport retries nothing (a POST the engine may have
+taken could otherwise start twice), and idle connections are dropped before the engine's
+server would close them, so that none is reused as it closes. Bodies and stream lines are
+bounded; h11 bounds the response head and checks the framing.
 
 Transport failures become typed exceptions here, so the chat service and the stream
 relay map them to OpenAI errors (503, 504) in one place.
@@ -10,22 +11,16 @@ relay map them to OpenAI errors (503, 504) in one place.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from enum import StrEnum
 from typing import Any
 
+import anyio
+import httpx
 import structlog
 
 from service import json_codec
-from service.engine.http_pool import (
-    ConnectFailed,
-    HttpTransportError,
-    Pool,
-    Response,
-    ResponseTimeout,
-)
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +40,10 @@ WRITE_TIMEOUT_S = 30.0
 # Idle pooled connections are dropped before the engine's server would close them
 # (uvicorn: 5 s), so that a request never goes out on a connection being closed.
 KEEPALIVE_S = 4.0
+# A whole non-streamed answer (n choices with logprobs stay far below it) and one line of
+# a stream; an engine sending more is broken, and the gateway must not buffer it all.
+MAX_BODY_BYTES = 64 << 20
+MAX_LINE_BYTES = 16 << 20
 
 
 class Health(StrEnum):
@@ -104,23 +103,48 @@ def _describe(exc: BaseException) -> str:
 
 def _translate(exc: BaseException) -> Exception:
     """A transport failure -> ours. Not connecting (or no free connection in time) means
-    the engine is not taking work; a read timeout means it took the request and went
-    silent."""
-    if isinstance(exc, ResponseTimeout):
+    the engine is not taking work; a read or write timeout means it took the connection
+    and went silent."""
+    if isinstance(exc, httpx.ReadTimeout | httpx.WriteTimeout):
         return EngineTimeout(_describe(exc))
     return EngineUnavailable(_describe(exc))
 
 
-# What a failed exchange with the engine can raise.
-TRANSPORT_ERRORS = (HttpTransportError, TimeoutError, OSError)
+class FramingError(httpx.TransportError):
+    """A response the gateway refuses to read on: over a size bound, or framed twice."""
+
+
+def _check_framing(response: httpx.Response) -> None:
+    """h11 lets Transfer-Encoding override Content-Length; a response with both is how
+    smuggling starts, so it is refused and its connection closed, never reused."""
+    headers = response.headers
+    if "transfer-encoding" in headers and "content-length" in headers:
+        raise FramingError("engine response has both Transfer-Encoding and Content-Length")
+
+
+async def _read_bounded(response: httpx.Response) -> bytes:
+    limit = MAX_BODY_BYTES
+    declared = response.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise FramingError(f"engine response of {declared} bytes is over {limit}")
+    parts: list[bytes] = []
+    size = 0
+    async for data in response.aiter_raw():
+        size += len(data)
+        if size > limit:
+            raise FramingError(f"engine response is over {limit} bytes")
+        parts.append(data)
+    return b"".join(parts)
 
 
 class EngineStream:
     """An open streaming response. Iterate `line_batches()`; always `aclose()`."""
 
-    def __init__(self, response: Response, read_timeout_s: float, activity: EngineActivity) -> None:
+    def __init__(self, response: httpx.Response, activity: EngineActivity) -> None:
         self._response = response
-        self._read_timeout_s = read_timeout_s
+        # One iterator for the body: the relay reads it up to `[DONE]`, `aclose` drains
+        # what is left of it (httpx streams a body once).
+        self._chunks = response.aiter_raw()
         self._activity = activity
         self._ended = False
 
@@ -135,19 +159,21 @@ class EngineStream:
         burst of events costs one send, not one per event. Bytes, not text: the relay
         passes most lines on untouched.
 
-        Raises EngineTimeout or EngineUnavailable when the engine stalls or drops the
-        connection mid-stream.
+        Raises EngineTimeout or EngineUnavailable when the engine stalls, drops the
+        connection or sends a line over MAX_LINE_BYTES mid-stream.
         """
         pending = b""
         try:
-            async for data in self._response.iter_data(self._read_timeout_s):
+            async for data in self._chunks:
                 self._activity.progress()
                 pending += data
                 if b"\n" not in data:
+                    if len(pending) > MAX_LINE_BYTES:
+                        raise FramingError(f"engine sent a line over {MAX_LINE_BYTES} bytes")
                     continue
                 *complete, pending = pending.split(b"\n")
                 yield [raw.rstrip(b"\r") for raw in complete]
-        except TRANSPORT_ERRORS as exc:
+        except httpx.TransportError as exc:
             raise _translate(exc) from exc
         if pending:
             yield [pending.rstrip(b"\r")]
@@ -157,23 +183,18 @@ class EngineStream:
         close it. `drain`: the stream is logically complete (`[DONE]` seen), so wait
         briefly for the body's terminating chunk, which keeps the connection reusable."""
         try:
-            if drain and not self._response.at_end:
-                try:
-                    async with asyncio.timeout(DRAIN_TIMEOUT_S):
-                        async for _ in self._response.iter_data(None):
-                            pass
-                except TRANSPORT_ERRORS:
-                    pass
+            if drain:
+                with anyio.move_on_after(DRAIN_TIMEOUT_S):
+                    async for _ in self._chunks:
+                        pass
+        except httpx.TransportError:
+            pass
         finally:
             # Even when cancelled mid-drain: a response not read to its end closes its
-            # connection, and the pool's slot comes back either way.
-            self._response.release()
+            # connection (httpcore shields that close), and the pool's slot comes back.
+            with anyio.CancelScope(shield=True):
+                await self._response.aclose()
             self._end()
-
-    def close(self) -> None:
-        """Drop the connection now (a stream nobody will read: no drain, no reuse)."""
-        self._response.close()
-        self._end()
 
 
 class EngineClient:
@@ -192,42 +213,74 @@ class EngineClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.read_timeout_s = read_timeout_s
-        self._connect_timeout_s = connect_timeout_s
         self._metrics_timeout_s = metrics_timeout_s
-        self._write_timeout_s = write_timeout_s
-        self._pool = Pool(self.base_url, limit=max_connections, keepalive_s=KEEPALIVE_S)
+        # Waiting for a pooled connection counts as connecting: an engine whose every
+        # connection is busy past the connect timeout is not taking work.
+        self._chat_timeout = httpx.Timeout(
+            connect=connect_timeout_s,
+            pool=connect_timeout_s,
+            write=write_timeout_s,
+            read=read_timeout_s,
+        )
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            # retries=0: a connection that fails is never retried with the request on it.
+            transport=httpx.AsyncHTTPTransport(
+                retries=0,
+                limits=httpx.Limits(
+                    max_connections=max_connections,
+                    max_keepalive_connections=max_connections,
+                    keepalive_expiry=KEEPALIVE_S,
+                ),
+            ),
+            timeout=self._chat_timeout,
+            # The engine is on a private address: no proxy from the environment, no
+            # compression to undo (the relay passes bytes through).
+            trust_env=False,
+            headers={"Accept-Encoding": "identity"},
+        )
         self.activity = EngineActivity()
 
     async def aclose(self) -> None:
-        self._pool.close()
+        await self._http.aclose()
 
-    async def _post(self, path: str, body: dict[str, Any]) -> Response:
-        return await self._pool.request(
-            "POST",
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> httpx.Response:
+        request = self._http.build_request(
+            method,
             path,
-            json_codec.dumps(body),
-            # Waiting for a pooled connection counts as connecting: an engine whose
-            # every connection is busy past the connect timeout is not taking work.
-            slot_and_connect_timeout_s=self._connect_timeout_s,
-            write_timeout_s=self._write_timeout_s,
-            head_timeout_s=self.read_timeout_s,
+            content=None if body is None else json_codec.dumps(body),
+            headers=None if body is None else {"Content-Type": "application/json"},
+            timeout=timeout or self._chat_timeout,
         )
+        response = await self._http.send(request, stream=True)
+        try:
+            _check_framing(response)
+        except BaseException:
+            await response.aclose()
+            raise
+        return response
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         """Non-streaming chat completion; returns SGLang's JSON response."""
         self.activity.begin()
         try:
-            resp = await self._post(CHAT_PATH, body)
+            resp = await self._send("POST", CHAT_PATH, body)
             self.activity.progress()
             try:
-                raw = await resp.read(self.read_timeout_s)
+                raw = await _read_bounded(resp)
             finally:
-                resp.release()
-        except TRANSPORT_ERRORS as exc:
+                await resp.aclose()
+        except httpx.TransportError as exc:
             raise _translate(exc) from exc
         finally:
             self.activity.end()
-        status = resp.status
+        status = resp.status_code
         if status != 200:
             raise EngineHTTPError(status, _json_or_text(raw, status))
         try:
@@ -245,46 +298,42 @@ class EngineClient:
         """
         self.activity.begin()
         try:
-            resp = await self._post(CHAT_PATH, body)
+            resp = await self._send("POST", CHAT_PATH, body)
         except BaseException as exc:
             self.activity.end()
-            if isinstance(exc, TRANSPORT_ERRORS):
+            if isinstance(exc, httpx.TransportError):
                 raise _translate(exc) from exc
             raise
         self.activity.progress()
-        if resp.status != 200:
+        if resp.status_code != 200:
             self.activity.end()
             try:
-                payload = _json_or_text(await resp.read(self.read_timeout_s), resp.status)
-            except TRANSPORT_ERRORS:
-                payload = {"message": f"engine returned HTTP {resp.status}"}
+                payload = _json_or_text(await _read_bounded(resp), resp.status_code)
+            except httpx.TransportError:
+                payload = {"message": f"engine returned HTTP {resp.status_code}"}
             finally:
-                resp.release()
-            raise EngineHTTPError(resp.status, payload)
-        return EngineStream(resp, self.read_timeout_s, self.activity)
+                await resp.aclose()
+            raise EngineHTTPError(resp.status_code, payload)
+        return EngineStream(resp, self.activity)
 
-    async def _get_or_post(
+    async def _exchange(
         self, method: str, path: str, body: dict[str, Any] | None, total_s: float
     ) -> tuple[int, bytes]:
         """A whole exchange bounded by `total_s`."""
-        async with asyncio.timeout(total_s):
-            resp = await self._pool.request(
-                method,
-                path,
-                None if body is None else json_codec.dumps(body),
-            )
+        with anyio.fail_after(total_s):
+            resp = await self._send(method, path, body, httpx.Timeout(total_s))
             try:
-                return resp.status, await resp.read(None)
+                return resp.status_code, await _read_bounded(resp)
             finally:
-                resp.release()
+                await resp.aclose()
 
     async def abort(self, rid: str) -> bool:
         """Ask SGLang to drop a request and free its KV now."""
         try:
-            status, _ = await self._get_or_post(
+            status, _ = await self._exchange(
                 "POST", "/abort_request", {"rid": rid}, ABORT_TIMEOUT_S
             )
-        except TRANSPORT_ERRORS as exc:
+        except (httpx.TransportError, TimeoutError) as exc:
             log.warning("engine.abort_failed", rid=rid, error=_describe(exc))
             return False
         return status == 200
@@ -297,24 +346,21 @@ class EngineClient:
         # connection (every one busy with a stream) or for the answer means slow.
         try:
             # Connecting and answering may each take `timeout_s`.
-            async with asyncio.timeout(2 * timeout_s):
-                resp = await self._pool.request(
-                    "GET",
-                    path,
-                    connect_timeout_s=timeout_s,
-                    head_timeout_s=timeout_s,
-                )
+            with anyio.fail_after(2 * timeout_s):
+                resp = await self._send("GET", path, timeout=httpx.Timeout(timeout_s))
                 try:
-                    await resp.read(timeout_s)
+                    await _read_bounded(resp)
                 finally:
-                    resp.release()
-        except ConnectFailed:
-            return Health.DOWN
-        except TimeoutError:  # the outer bound, the pool wait or the answer
+                    await resp.aclose()
+        except httpx.PoolTimeout:
             return Health.SLOW
-        except TRANSPORT_ERRORS:
+        except (httpx.ConnectError, httpx.ConnectTimeout):
             return Health.DOWN
-        if resp.status != 200:
+        except (httpx.ReadTimeout, httpx.WriteTimeout, TimeoutError):
+            return Health.SLOW
+        except httpx.TransportError:
+            return Health.DOWN
+        if resp.status_code != 200:
             return Health.DOWN
         if path == GENERATE_PROBE_PATH:
             self.activity.progress()  # the scheduler produced output just now
@@ -323,19 +369,19 @@ class EngineClient:
     async def metrics_text(self) -> str | None:
         """SGLang's Prometheus exposition (needs --enable-metrics); None when unreachable."""
         try:
-            status, raw = await self._get_or_post("GET", "/metrics", None, self._metrics_timeout_s)
-        except TRANSPORT_ERRORS:
+            status, raw = await self._exchange("GET", "/metrics", None, self._metrics_timeout_s)
+        except (httpx.TransportError, TimeoutError):
             return None
         return raw.decode("utf-8", errors="replace") if status == 200 else None
 
     async def model_info(self) -> dict[str, Any] | None:
         """SGLang's /model_info (the served model and its parsers); None when unreachable."""
         try:
-            status, raw = await self._get_or_post(
+            status, raw = await self._exchange(
                 "GET", FRONT_END_PROBE_PATH, None, self._metrics_timeout_s
             )
             info = json_codec.loads(raw) if status == 200 else None
-        except (*TRANSPORT_ERRORS, ValueError):
+        except (httpx.TransportError, TimeoutError, ValueError):
             return None
         return info if isinstance(info, dict) else None
 

@@ -4,10 +4,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
+from service.api.deps import ApiKeyDep, ChatServiceDep, SettingsDep
 from service.api.errors import ErrorBody
 from service.api.schemas import ChatCompletionRequest
-from service.chat.completions import ChatService
-from service.chat.input import caller_key, read_chat_body
+from service.chat.input import read_chat_body
 from service.server.settings import Settings
 
 router = APIRouter(tags=["chat"])
@@ -44,18 +44,9 @@ def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
     return resolve(schema)
 
 
-# The route declares no parameters (see below), so FastAPI cannot infer the body or the
-# header; they are documented here.
+# The body is read and checked by service/chat/input.py (strict JSON, a size bound, one
+# 400 per bad field), not by FastAPI, so its schema is documented here.
 _OPENAPI = {
-    "parameters": [
-        {
-            "name": "authorization",
-            "in": "header",
-            "required": False,
-            "description": "`Bearer <api key>` when the server has keys configured",
-            "schema": {"type": "string"},
-        }
-    ],
     "requestBody": {
         "required": True,
         "content": {
@@ -100,13 +91,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 @router.post(CHAT_PATH, response_model=None, responses=_ERRORS, openapi_extra=_OPENAPI)
-async def create_chat_completion(request: Request) -> Response:
+async def create_chat_completion(
+    request: Request, key: ApiKeyDep, settings: SettingsDep, chat: ChatServiceDep
+) -> Response:
     """OpenAI chat completions plus the `kv_policy` extension (see docs/api.md)."""
-    # The hot path: service/api/chat_dispatch.py calls this directly, without the router, so
-    # it takes nothing from FastAPI's dependency solving (auth and body are checked
-    # inline, which also costs less).
-    state = request.app.state
-    key = caller_key(state.key_store, request.headers.get("authorization"))
-    body = await read_chat_body(request, state.settings.max_request_bytes)
-    chat: ChatService = state.chat_service
+    body = await read_chat_body(request, settings.max_request_bytes)
     return await chat.complete(request, body, key)
