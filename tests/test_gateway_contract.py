@@ -108,23 +108,29 @@ class FakeEngine:
         if script == "report-kv":
             usage["kv_cache"] = {"policy": body["custom_params"]["kv_policy"]["name"], **ENGINE_KV}
         if not body.get("stream"):
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": "a b c",
+                    "reasoning_content": "thinking",
+                },
+                "finish_reason": "length",
+            }
+            if body.get("return_meta_info"):
+                # SGLang's per-request timings (with --enable-metrics), in seconds.
+                choice["meta_info"] = {
+                    "id": body["rid"],
+                    "e2e_latency": 0.5,
+                    "first_token_latency": 0.2,
+                }
             return JSONResponse(
                 {
                     "id": body["rid"],
                     "object": "chat.completion",
                     "created": 1,
                     "model": body["model"],
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {
-                                "role": "assistant",
-                                "content": "a b c",
-                                "reasoning_content": "thinking",
-                            },
-                            "finish_reason": "length",
-                        }
-                    ],
+                    "choices": [choice],
                     "usage": usage,
                 }
             )
@@ -718,9 +724,12 @@ def test_non_stream_disconnect_aborts_in_engine(engine, gw):
 
 def test_metrics_after_traffic(gw):
     c = client(gw)
-    c.chat.completions.create(
-        model=MODEL, messages=say("report-kv"), extra_body={"kv_policy": {"name": "quest"}}
-    )
+    whole = httpx.post(
+        f"{gw}/v1/chat/completions",
+        json={"model": MODEL, "messages": say("report-kv"), "kv_policy": {"name": "quest"}},
+    ).json()
+    # The engine's timings feed the metrics; the client gets an OpenAI choice without them.
+    assert "meta_info" not in whole["choices"][0]
     list(
         c.chat.completions.create(
             model=MODEL,
@@ -736,7 +745,9 @@ def test_metrics_after_traffic(gw):
         'raas_kv_dense_equivalent_bytes_total{policy="quest"} 192000.0',
         'raas_kv_evicted_pages_total{policy="quest"} 6.0',
         'raas_kv_savings_ratio{policy="quest"} 0.5',
-        'raas_time_to_first_token_seconds_count{policy="quest"} 1.0',
+        # The non-streamed request too, from the engine's timings.
+        'raas_time_to_first_token_seconds_count{policy="quest"} 2.0',
+        'raas_time_per_output_token_seconds_count{policy="quest"} 2.0',
         'raas_completion_tokens_total{policy="quest"} 6.0',
         'raas_http_requests_total{code="200",method="POST",route="/v1/chat/completions"}',
         "raas_engine_kv_used_tokens 64.0",

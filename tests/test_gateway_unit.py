@@ -592,3 +592,21 @@ def test_key_budgets_inside_the_server_range_load(tmp_path):
     path = tmp_path / "keys.txt"
     path.write_text("sk-a max_budget_tokens=32 default_budget_tokens=32\n")
     assert len(load_key_store(path, None, budget_range=(32, 8192))) == 1
+
+
+def test_non_streamed_timings_come_from_the_engine_and_never_reach_the_client():
+    eff = EffectivePolicy(name="raas", budget_tokens=128, alpha=0.1)
+    body = chat_request.upstream_body(chat(), eff, "rid-1", settings())
+    assert body["return_meta_info"] is True
+    data = {
+        "choices": [
+            {"index": 0, "meta_info": {"e2e_latency": 0.9, "first_token_latency": 0.4}},
+            {"index": 1, "meta_info": {"e2e_latency": 0.7, "first_token_latency": 0.1}},
+        ]
+    }
+    assert chat_request.engine_decode_s(data) == pytest.approx(0.6)
+    assert data == {"choices": [{"index": 0}, {"index": 1}]}
+    # An engine without --enable-metrics reports no first-token time: nothing recorded.
+    assert chat_request.engine_decode_s({"choices": [{"meta_info": {"e2e_latency": 1}}]}) is None
+    streamed = chat_request.upstream_body(chat(stream=True), eff, "rid-2", settings())
+    assert "return_meta_info" not in streamed

@@ -177,9 +177,12 @@ class ChatService:
                 call.ticket.release()
 
         kv = self._attach_kv_usage(data, policy)
+        # The first token came the engine's decode time before the answer.
+        decode_s = chat_request.engine_decode_s(data)
+        first_token_at = None if decode_s is None else time.monotonic() - decode_s
         # Recorded once the response is on its way: the client need not wait for it.
         # Nothing runs in between (no await), so a request that follows sees it counted.
-        done = BackgroundTask(self._completed, call, data.get("usage") or {}, kv, None)
+        done = BackgroundTask(self._completed, call, data.get("usage") or {}, kv, first_token_at)
         return FastJSONResponse(data, headers=headers, background=done)
 
     async def _check_tool_calls(self) -> None:

@@ -138,9 +138,29 @@ def upstream_body(
         # Always ask for the usage chunk: metrics and usage.kv_cache come from it. It is
         # dropped again on the way out unless the client asked for it.
         body["stream_options"] = {"include_usage": True}
+    else:
+        # The engine's per-request timings (each choice's meta_info, taken off again by
+        # `engine_decode_s`): a whole answer arrives at once, so the gateway cannot time
+        # its first token itself.
+        body["return_meta_info"] = True
     body["rid"] = rid
     body["custom_params"] = {"kv_policy": policy.for_engine()}
     return body
+
+
+def engine_decode_s(data: dict[str, Any]) -> float | None:
+    """Remove each choice's `meta_info` (asked for by `upstream_body`, not for the client)
+    and return the engine's decode time after the first token, the longest over the
+    choices; None when the engine did not time it (started without --enable-metrics)."""
+    decode: float | None = None
+    for choice in data.get("choices") or ():
+        meta = choice.pop("meta_info", None) if isinstance(choice, dict) else None
+        if not isinstance(meta, dict):
+            continue
+        e2e, first = meta.get("e2e_latency"), meta.get("first_token_latency")
+        if isinstance(e2e, int | float) and isinstance(first, int | float) and e2e >= first:
+            decode = max(decode or 0.0, float(e2e - first))
+    return decode
 
 
 def wants_usage_chunk(req: ChatCompletionRequest) -> bool:

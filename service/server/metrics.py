@@ -16,8 +16,8 @@ HTTP and admission
 - raas_queue_wait_seconds                           histogram time spent queued before admission
 
 Latency (chat completions)
-- raas_time_to_first_token_seconds{policy}          histogram streaming only
-- raas_time_per_output_token_seconds{policy}        histogram streaming only, after the first token
+- raas_time_to_first_token_seconds{policy}          histogram streamed and non-streamed
+- raas_time_per_output_token_seconds{policy}        histogram after the first token
 - raas_e2e_request_latency_seconds{policy,stream}   histogram whole request, successful ones
 
 Tokens
@@ -282,7 +282,7 @@ class GatewayMetrics:
 
         self.ttft = Histogram(
             "raas_time_to_first_token_seconds",
-            "Time to the first generated token (streaming)",
+            "Time to the first generated token (non-streamed: the engine's own timing)",
             ["policy"],
             buckets=LATENCY_BUCKETS,
             registry=r,
