@@ -82,7 +82,9 @@ BENCH_CPU_ARGS ?= --concurrency 1 8 --max-len 8192 --budgets 512 1024
 bench-cpu: prepare-model
 	$(BIN)/python benchmarks/cpu_decode.py $(BENCH_CPU_ARGS) --out docs/results/cpu_decode.json
 
-# The gateway overhead benchmark of docs/benchmarks.md (about 12 minutes on 2 cores).
+# The gateway overhead benchmark of docs/benchmarks.md (about 12 minutes on 2 cores): the
+# engine on CPU 0, the gateway and the load client on CPU 1, as the target is judged.
+BENCH_GATEWAY_ARGS ?= --pin 0:1
 bench-gateway: prepare-model
 	$(BIN)/python benchmarks/gateway_overhead.py $(BENCH_GATEWAY_ARGS) \
 		--out docs/results/gateway_overhead.json
