@@ -7,6 +7,7 @@ and nothing the engine sends is buffered without bound."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -37,6 +38,7 @@ class Server:
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
         self.connections = 0
+        self.closed = 0  # connections this side has closed
 
     async def __aenter__(self) -> str:
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -47,6 +49,9 @@ class Server:
                 pass
             finally:
                 writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+                self.closed += 1
 
         self.server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
         port = self.server.sockets[0].getsockname()[1]
@@ -73,6 +78,12 @@ def client_for(url: str, **overrides: float) -> EngineClient:
 
 def run(coro: Awaitable[None]) -> None:
     asyncio.run(asyncio.wait_for(coro, 20))  # type: ignore[arg-type]
+
+
+async def until(predicate: Callable[[], bool]) -> None:
+    """Poll until `predicate` holds; `run`'s deadline bounds the wait."""
+    while not predicate():
+        await asyncio.sleep(0.001)
 
 
 def test_sequential_requests_share_one_keep_alive_connection():
@@ -156,9 +167,7 @@ def test_a_connection_the_server_closed_while_idle_is_replaced():
         async with server as url:
             client = client_for(url)
             assert (await client.chat({"a": 1}))["conn"] == 1
-            while server.connections == 1 and not seen:
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)  # the close reaches the client's socket
+            await until(lambda: server.closed == 1)  # its FIN is in the client's socket
             assert (await client.chat({"b": 2}))["conn"] == 2
             assert seen == [b'{"a":1}', b'{"b":2}']
             await client.aclose()
@@ -306,8 +315,12 @@ def test_bodies_and_stream_lines_are_bounded(monkeypatch):
 
 
 def test_timeouts_and_the_connection_limit():
+    requests = 0
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        nonlocal requests
         await read_request(reader)
+        requests += 1
         await asyncio.sleep(30)
 
     async def scenario() -> None:
@@ -317,9 +330,7 @@ def test_timeouts_and_the_connection_limit():
                 await client.chat({})
             stream_client = client_for(url, connect_timeout_s=0.2, read_timeout_s=30)
             held = asyncio.ensure_future(stream_client.chat({}))
-            while stream_client.activity.in_flight == 0:
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.05)  # its connection is taken
+            await until(lambda: requests == 2)  # the server has it: its connection is taken
             # The only connection is busy: waiting for it counts as not connecting.
             with pytest.raises(EngineUnavailable):
                 await stream_client.chat({})

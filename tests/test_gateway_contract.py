@@ -545,7 +545,8 @@ def test_probe_tells_a_busy_pool_from_a_dead_engine(engine):
 def test_engine_down_is_503_and_not_ready():
     dead = f"http://127.0.0.1:{free_port()}"
     with gateway(dead, ready=False) as url:
-        time.sleep(0.3)
+        # Once the first probe has found the engine gone.
+        wait_for(lambda: "raas_engine_up 0.0" in httpx.get(f"{url}/metrics").text)
         assert httpx.get(f"{url}/health/ready").status_code == 503
         assert httpx.get(f"{url}/health/live").status_code == 200
         with pytest.raises(openai.InternalServerError) as exc:

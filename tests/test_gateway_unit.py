@@ -285,7 +285,8 @@ def test_admission_timeout_and_cancel_leave_no_leak():
             await ctl.acquire("k", 5)
         assert exc.value.reason is RejectReason.QUEUE_TIMEOUT
         task = asyncio.create_task(ctl.acquire("k", 5))
-        await asyncio.sleep(0.01)
+        while ctl.queued == 0:  # until it waits in the queue
+            await asyncio.sleep(0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -178,10 +178,29 @@ class Exchange:
         self.sent.append(message)
 
 
-def response_for(upstream: Lines, on_finish_gate: asyncio.Event | None = None):
+async def until(predicate, timeout_s: float = 5.0) -> None:
+    """Poll `predicate` on every loop iteration until it holds, or fail at the deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
+def streaming(exchange: Exchange) -> bool:
+    """The head and the first event are out: the relay now waits on the engine."""
+    return len(exchange.sent) >= 2
+
+
+def response_for(
+    upstream: Lines,
+    on_finish_gate: asyncio.Event | None = None,
+    finishing: asyncio.Event | None = None,
+):
     finishes: list[tuple[bool, str]] = []
 
     async def on_finish(relay: StreamRelay, disconnected: bool) -> None:
+        if finishing is not None:
+            finishing.set()
         if on_finish_gate is not None:
             await on_finish_gate.wait()  # a clean-up that takes a while
         finishes.append((disconnected, relay.result.outcome))
@@ -212,7 +231,7 @@ def test_client_hanging_up_on_a_silent_engine_ends_the_response_at_once():
     async def run() -> None:
         exchange = Exchange()
         task = asyncio.ensure_future(response({"type": "http"}, exchange.receive, exchange.send))
-        await asyncio.sleep(0.05)
+        await until(lambda: streaming(exchange))
         assert not task.done()
         exchange.hang_up.set()
         await asyncio.wait_for(task, 5)
@@ -231,7 +250,7 @@ def test_after_a_hang_up_the_request_task_runs_on_uncancelled():
 
     async def request_task(exchange: Exchange) -> int:
         await response({"type": "http"}, exchange.receive, exchange.send)
-        await asyncio.sleep(0.01)  # would raise CancelledError if one were left pending
+        await asyncio.sleep(0)  # would raise CancelledError if one were left pending
         task = asyncio.current_task()
         assert task is not None
         return task.cancelling()
@@ -239,7 +258,7 @@ def test_after_a_hang_up_the_request_task_runs_on_uncancelled():
     async def run() -> int:
         exchange = Exchange()
         task = asyncio.ensure_future(request_task(exchange))
-        await asyncio.sleep(0.05)
+        await until(lambda: streaming(exchange))
         exchange.hang_up.set()
         return await asyncio.wait_for(task, 5)
 
@@ -260,17 +279,18 @@ def test_a_cancelled_request_still_finishes_once_even_when_cancelled_again_meanw
     admission slot) must run to its end, once, and the cancellation must still reach
     the caller."""
     upstream = Silent([b"data: " + chunk("Hi")])
-    gate = asyncio.Event()
-    response, finishes = response_for(upstream, on_finish_gate=gate)
+    gate, finishing = asyncio.Event(), asyncio.Event()
+    response, finishes = response_for(upstream, on_finish_gate=gate, finishing=finishing)
 
     async def run() -> None:
         exchange = Exchange()
         task = asyncio.ensure_future(response({"type": "http"}, exchange.receive, exchange.send))
-        await asyncio.sleep(0.05)
+        await until(lambda: streaming(exchange))
         task.cancel()
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(finishing.wait(), 5)
         task.cancel()  # again, while the clean-up waits
-        await asyncio.sleep(0.05)
+        for _ in range(10):  # loop iterations in which a lost clean-up would end the task
+            await asyncio.sleep(0)
         assert not task.done() and finishes == []
         gate.set()
         try:
@@ -298,7 +318,7 @@ def test_a_cancelled_request_whose_clean_up_fails_still_ends_cancelled():
     async def run() -> None:
         exchange = Exchange()
         task = asyncio.ensure_future(response({"type": "http"}, exchange.receive, exchange.send))
-        await asyncio.sleep(0.05)
+        await until(lambda: streaming(exchange))
         task.cancel()
         try:
             await asyncio.wait_for(task, 5)
