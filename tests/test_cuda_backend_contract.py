@@ -213,3 +213,53 @@ def test_budgets_past_the_kernels_capacity_are_refused_where_they_are_read(monke
     monkeypatch.setenv("RAAS_DEFAULT_BUDGET_TOKENS", "4112")
     with pytest.raises(PolicyConfigError, match="RAAS_DEFAULT_BUDGET_TOKENS"):
         defaults_from_env()
+
+
+def test_device_state_steps_plan_and_fold_without_reading_back(monkeypatch, fake_page_mass) -> None:
+    """The default mode: the batched device state, driven by the scheduler hook's
+    bookkeeping, sizes the lists from host counts and folds the scores on the device.
+    Every tensor is on the meta device, so any read back of the state would raise."""
+    from raas_backend.kernels.row_policy_state import RowPolicyState
+    from raas_backend.retention import attended_tokens
+
+    be = make_backend(monkeypatch)
+    be.runtime.device_state = RowPolicyState(ROWS, be.pages_cap, 16, META)
+    rtt = be.req_to_token_pool.req_to_token
+    bs = 3
+    be.init_forward_metadata_out_graph(decode_batch(bs, [1] * bs), in_capture=True)
+    wrapper = be.decode_cuda_graph_metadata[bs][0]
+    policies = [
+        {"kv_policy": {"name": "raas", "budget_tokens": 32}},
+        {"kv_policy": {"name": "h2o", "budget_tokens": 48, "recent_tokens": 16}},
+        {"kv_policy": {"name": "dense"}},
+    ]
+    rows, prompt = [2, 5, 6], 10
+    for step in range(70):
+        entries = [
+            (row, f"r{row}", params, prompt + step)
+            for row, params in zip(rows, policies, strict=True)
+        ]
+        decoded = be.runtime.begin_decode_step(entries, rtt)
+        assert decoded.host_positions == []
+        plans = decoded.states
+        be.init_forward_metadata_out_graph(decode_batch(bs, [p.seq_len for p in plans]))
+        q = torch.empty(bs, HQ * DIM, device=META)
+        be.init_forward_metadata_in_graph(decode_batch(bs, [p.seq_len for p in plans]))
+        for i in range(LAYERS):
+            be.forward_decode(q, q, q, layer(i), decode_batch(bs, [1] * bs), save_kv_cache=False)
+    want = [0]
+    for plan, budget, dense in zip(plans, [32, 48, 0], [False, False, True], strict=True):
+        want.append(
+            want[-1] + attended_tokens(prompt, plan.decode_len, budget, 16, frees_memory=not dense)
+        )
+    assert wrapper.plans[-1]["indptr"] == want
+    pending = be.runtime.pending_scores
+    assert pending is not None and pending.rows == rows
+    # raas and h2o are scored (their held pages), dense is not.
+    assert pending.page_indptr == [
+        0,
+        plans[0].held_pages,
+        plans[0].held_pages + plans[1].held_pages,
+        plans[0].held_pages + plans[1].held_pages,
+    ]
+    assert plans[0].evicted_pages > 0 and plans[1].evicted_pages > 0

@@ -23,7 +23,8 @@ from raas_backend.kernels.torch_ref import page_key_bounds, quest_bounds
 from raas_backend.request_kv import RequestKV, head_aggregate
 from raas_backend.sglang_plugin.runtime import activate_runtime
 from raas_backend.sglang_plugin.server_requirements import check_server_args
-from raas_backend.sglang_plugin.step_lists import build_step_lists, expand_segments
+from raas_backend.sglang_plugin.step_lists import build_step_lists, expand_segments, plan_step
+from raas_backend.sglang_plugin.step_scores import PendingScores, StepScores
 
 if TYPE_CHECKING:
     from sglang.srt.layers.radix_attention import RadixAttention
@@ -62,7 +63,10 @@ class RaasAttnBackend(TorchNativeAttnBackend):
                 f"raas expects SGLang's token page size 1, got {model_runner.page_size}"
             )
         self.runtime = activate_runtime()
+        rtt = self.req_to_token_pool.req_to_token
+        self.runtime.attach_device_state(rtt.shape[0], rtt.device)
         self.decode_index: DecodeIndex | None = None
+        self.step_scores: StepScores | None = None
 
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         super().init_forward_metadata(forward_batch)
@@ -73,8 +77,8 @@ class RaasAttnBackend(TorchNativeAttnBackend):
         )
 
     def _build_decode_index(self, fb: ForwardBatch) -> DecodeIndex:
-        # The same host-side lists and device expansion as the CUDA backend
-        # (step_lists), so the CPU engine tests run the logic the GPU path runs.
+        # The same lists as the CUDA backend builds (step_lists), so the CPU engine
+        # tests run the logic the GPU path runs.
         rtt = self.req_to_token_pool.req_to_token
         rows = fb.req_pool_indices.tolist()
         seq_lens = fb.seq_lens_cpu.tolist() if fb.seq_lens_cpu is not None else fb.seq_lens.tolist()
@@ -85,16 +89,41 @@ class RaasAttnBackend(TorchNativeAttnBackend):
                 raise RuntimeError(
                     f"raas: the scheduler listed rows {hook_rows}, the forward batch {rows}"
                 )
-        lists = build_step_lists(rows, seq_lens, states)
-        kv_indices, token_page = expand_segments(lists, rtt)
+        device = self.runtime.device_state
+        if device is not None:
+            plan = plan_step(rows, seq_lens, states)
+            kv_indices, token_page = device.build_lists(
+                rows, plan.heads, plan.lengths, plan.page_starts, rtt, with_pages=True
+            )
+            kv_indptr, page_offsets = plan.kv_indptr, plan.page_indptr.tolist()
+            num_pages = plan.num_pages
+            self.step_scores = None
+            if num_pages:
+                # The scores stay where they are computed until the next step folds them
+                # into the device state (as on CUDA, where they never leave the GPU).
+                # Each layer's mass replaces `mass` (the head count comes with it).
+                self.step_scores = StepScores(num_pages, 1, rtt.device)
+                self.runtime.pending_scores = PendingScores(
+                    acc=self.step_scores.acc,
+                    num_pages=num_pages,
+                    layers=self.token_to_kv_pool.layer_num,
+                    page_indptr=page_offsets,
+                    states=list(states),
+                    rows=list(rows),
+                )
+        else:
+            lists = build_step_lists(rows, seq_lens, states)
+            kv_indices, token_page = expand_segments(lists, rtt)
+            kv_indptr, page_offsets = lists.kv_indptr, lists.page_indptr.tolist()
+            num_pages = lists.num_pages
         return DecodeIndex(
-            kv_indptr=lists.kv_indptr.to(torch.int64),
+            kv_indptr=kv_indptr.to(torch.int64),
             kv_indices=kv_indices.to(torch.int64),
             token_page=token_page,
-            page_offsets=lists.page_indptr.tolist(),
+            page_offsets=page_offsets,
             states=states,
             rows=rows,
-            any_scores=lists.num_pages > 0,
+            any_scores=num_pages > 0,
             any_per_layer=any(s is not None and s.selects_per_layer for s in states),
         )
 
@@ -130,7 +159,10 @@ class RaasAttnBackend(TorchNativeAttnBackend):
             index.page_offsets[-1],
             **({} if index.kv_head_mask is None else {"kv_head_mask": index.kv_head_mask}),
         )
-        if page_mass is not None:
+        if page_mass is not None and self.step_scores is not None and self.runtime.device_state:
+            self.step_scores.mass = page_mass.float()
+            self.step_scores.add_layer(page_mass.shape[0])
+        elif page_mass is not None:
             # One reduction over heads per aggregation for the whole batch, then one
             # device-to-host copy; per request only slices remain.
             by_agg: dict[str, torch.Tensor] = {}

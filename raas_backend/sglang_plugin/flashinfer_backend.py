@@ -13,8 +13,11 @@ zeroes the score accumulators; each layer's decode and page-mass launch are capt
 with grids sized for the largest budget (`RAAS_MAX_BUDGET_TOKENS`), reading the step's
 real page counts from static device buffers. The host never reads the device while
 building a step: row ids and lengths come from the scheduler hook, which saw the batch
-on the host. The step's scores are read back once, at the next step's bookkeeping
-(`PendingScores.fold`), after the sampler has synchronised anyway.
+on the host, and which pages each request holds from the batched device state
+(`kernels.row_policy_state`), which the next step's bookkeeping updates from the
+accumulators without reading them back (`PendingScores.fold`). With
+RAAS_POLICY_STATE=host the per-request states plan the lists instead, and the scores are
+read back once per step.
 
 Not served here yet (refused at start or at request validation with what to change):
 sliding-window and cross-attention models, FP8 KV caches, logit soft-capping, and the
@@ -30,9 +33,9 @@ from sglang.srt.layers.attention.flashinfer_backend import DecodeMetadata, Flash
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from raas_backend.kernels.cuda.indexing import PageLayout
-from raas_backend.sglang_plugin.runtime import activate_runtime, max_budget_tokens
+from raas_backend.sglang_plugin.runtime import activate_runtime, pages_cap
 from raas_backend.sglang_plugin.server_requirements import check_server_args
-from raas_backend.sglang_plugin.step_lists import build_step_lists, expand_segments
+from raas_backend.sglang_plugin.step_lists import build_step_lists, expand_segments, plan_step
 from raas_backend.sglang_plugin.step_scores import PendingScores, StepScores
 
 if TYPE_CHECKING:
@@ -47,10 +50,7 @@ SOFT_CAP_REFUSED = (
 )
 
 
-def pages_cap(page_size: int) -> int:
-    """Scored pages one request can list in a step: its budget's pages, the page being
-    filled and the tail (see `kernels.batched_policy.min_capacity`)."""
-    return -(-max_budget_tokens() // page_size) + 2
+__all__ = ["SOFT_CAP_REFUSED", "RaasFlashInferBackend", "pages_cap"]
 
 
 class RaasFlashInferBackend(FlashInferAttnBackend):
@@ -85,6 +85,9 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
         self.pages_cap = pages_cap(self.raas_page_size)
         _check_kernel_limits(self.raas_page_size, model_runner)
         self.max_rows = model_runner.req_to_token_pool.size
+        # The policies' state, one row per req_to_token row, on the GPU.
+        rtt = model_runner.req_to_token_pool.req_to_token
+        self.runtime.attach_device_state(rtt.shape[0], rtt.device)
         updater = self.indices_updater_decode
         self.num_qo_heads = updater.num_qo_heads
         self.num_kv_heads = updater.num_kv_heads
@@ -173,18 +176,21 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
                 )
             # CUDA-graph padding rows: one dummy position each, output discarded.
             rows, states = list(rows) + [0] * (bs - real), list(states) + [None] * (bs - real)
-        lists = build_step_lists(rows, seq_lens, states)
-        if lists.max_pages_per_request > self.pages_cap:
-            raise RuntimeError(
-                f"raas: a request lists {lists.max_pages_per_request} scored pages, more than "
-                f"the {self.pages_cap} RAAS_MAX_BUDGET_TOKENS sizes the kernels for"
-            )
         wrapper = wrappers[0]
         rtt = self.req_to_token_pool.req_to_token
-        if graph:
-            kv_indices, _ = expand_segments(lists, rtt, out=wrapper._paged_kv_indices_buf)
+        device = self.runtime.device_state
+        out = wrapper._paged_kv_indices_buf if graph else None
+        if device is not None:
+            # Sizes from the host's counts; which pages, from the device state.
+            lists = plan_step(rows, seq_lens, states)
+            self._check_pages(lists.max_pages_per_request)
+            kv_indices, _ = device.build_lists(
+                rows, lists.heads, lists.lengths, lists.page_starts, rtt, out=out
+            )
         else:
-            kv_indices, _ = expand_segments(lists, rtt)
+            lists = build_step_lists(rows, seq_lens, states)
+            self._check_pages(lists.max_pages_per_request)
+            kv_indices, _ = expand_segments(lists, rtt, out=out)
         wrapper.begin_forward(
             lists.kv_indptr,
             kv_indices,
@@ -212,6 +218,14 @@ class RaasFlashInferBackend(FlashInferAttnBackend):
                 states=lists.states,
                 tp_size=self.tp_size,
                 all_reduce=self.all_reduce,
+                rows=list(rows),
+            )
+
+    def _check_pages(self, most: int) -> None:
+        if most > self.pages_cap:
+            raise RuntimeError(
+                f"raas: a request lists {most} scored pages, more than "
+                f"the {self.pages_cap} RAAS_MAX_BUDGET_TOKENS sizes the kernels for"
             )
 
     @property

@@ -10,10 +10,16 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raas_backend.policies import KVPolicyConfig, PolicyConfigError
 from raas_backend.request_kv import RequestKV
+from raas_backend.row_plan import DEVICE_POLICIES, RowPlan
+
+if TYPE_CHECKING:
+    import torch
+
+    from raas_backend.kernels.row_policy_state import RowPolicyState
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +39,11 @@ ENV_DEFAULTS = {
 # by it); the gateway's own cap should not exceed it.
 MAX_BUDGET_ENV = "RAAS_MAX_BUDGET_TOKENS"
 DEFAULT_MAX_BUDGET_TOKENS = 8192
+# Where the policies of raas/streaming/h2o/dense requests run: "device" (the batched
+# state, `kernels.row_policy_state`; no read back in decode) or "host" (one `RequestKV`
+# per request, the specification; the page scores are read back once per step).
+POLICY_STATE_ENV = "RAAS_POLICY_STATE"
+POLICY_STATE_MODES = ("device", "host")
 
 
 def max_budget_tokens(environ: dict[str, str] | None = None) -> int:
@@ -45,6 +56,26 @@ def max_budget_tokens(environ: dict[str, str] | None = None) -> int:
     if value < 1:
         raise PolicyConfigError("budget_tokens", f"{MAX_BUDGET_ENV} must be >= 1, got {value}")
     return value
+
+
+def policy_state_mode(device_type: str, environ: dict[str, str] | None = None) -> str:
+    """The mode RAAS_POLICY_STATE names; by default "device" on a GPU and "host" on
+    the CPU (where both run on the same processor)."""
+    environ = os.environ if environ is None else environ
+    mode = environ.get(POLICY_STATE_ENV, "device" if device_type == "cuda" else "host")
+    if mode not in POLICY_STATE_MODES:
+        raise ValueError(f"{POLICY_STATE_ENV} must be one of {POLICY_STATE_MODES}, got {mode!r}")
+    return mode
+
+
+def torch_device_type(device: object) -> str:
+    return getattr(device, "type", None) or str(device).split(":")[0]
+
+
+def pages_cap(page_size: int) -> int:
+    """Pages one request can list in a step: its budget's pages, the page being filled
+    and the tail (see `kernels.batched_policy.min_capacity`)."""
+    return -(-max_budget_tokens() // page_size) + 2
 
 
 def defaults_from_env(environ: dict[str, str] | None = None) -> KVPolicyConfig:
@@ -88,40 +119,78 @@ def within_budget_limit(config: KVPolicyConfig, source: str = "") -> KVPolicyCon
     return config
 
 
+KVState = RequestKV | RowPlan
+
+
 @dataclass
 class Tracked:
     rid: str
-    kv: RequestKV
+    kv: KVState
+
+
+@dataclass
+class DecodeStep:
+    """What one decode step's bookkeeping decided, for the hook to carry out.
+
+    host_rows, host_positions: positions the host's per-request states evict (quest
+    never does; host-mode requests and resumed ones do), row by row.
+    device_slots: the slots the device state evicted (already replaced by the padding
+    slot in `req_to_token`), of a length the host knows; None if no request is there.
+    """
+
+    rows: list[int]
+    states: list[KVState]
+    host_rows: list[int]
+    host_positions: list[int]
+    device_slots: torch.Tensor | None
+    device_victim_pages: int
 
 
 @dataclass
 class RaasRuntime:
     defaults: KVPolicyConfig
     requests: dict[int, Tracked] = field(default_factory=dict)
+    #: The batched device state (set by the backend in "device" mode; None: host mode).
+    device_state: RowPolicyState | None = None
+    #: Decode steps since start (the device state's flags are read every so often).
+    steps_done: int = 0
     #: Slots returned to the allocator by eviction since start (for tests and metrics).
     evicted_slots_total: int = 0
     #: Stats of finished requests, by rid, until the output path collects them.
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: State of retracted requests, by rid, until their re-prefill decodes again.
-    suspended: dict[str, RequestKV] = field(default_factory=dict)
+    suspended: dict[str, KVState] = field(default_factory=dict)
     #: The current decode batch as the scheduler hook saw it on the host: rows and
     #: states in batch order (the CUDA backend builds its lists from it, no device read).
     decode_rows: list[int] = field(default_factory=list)
-    decode_states: list[RequestKV] = field(default_factory=list)
+    decode_states: list[KVState] = field(default_factory=list)
     #: The last decode forward's page scores, folded in at the next step's bookkeeping.
     pending_scores: Any = None
 
     #: Whether the recorded batch is still to be planned (each is planned once).
     decode_pending: bool = False
 
-    def set_step_batch(self, rows: list[int], states: list[RequestKV]) -> None:
+    def attach_device_state(self, rows: int, device: torch.device | str) -> None:
+        """Give the batched device state its tables (the backend's constructor calls
+        this with the engine's row count and device), unless RAAS_POLICY_STATE=host."""
+        if (
+            self.device_state is not None
+            or policy_state_mode(torch_device_type(device)) != "device"
+        ):
+            return
+        from raas_backend.kernels.row_policy_state import RowPolicyState
+
+        size = self.defaults.page_size
+        self.device_state = RowPolicyState(rows, pages_cap(size), size, device)
+
+    def set_step_batch(self, rows: list[int], states: list[KVState]) -> None:
         self.decode_rows, self.decode_states = rows, states
         self.decode_pending = True
 
-    def step_batch(self) -> tuple[list[int], list[RequestKV]]:
+    def step_batch(self) -> tuple[list[int], list[KVState]]:
         return self.decode_rows, self.decode_states
 
-    def take_step_batch(self) -> tuple[list[int], list[RequestKV]] | None:
+    def take_step_batch(self) -> tuple[list[int], list[KVState]] | None:
         """The batch the scheduler announced, once; None for a forward it did not
         announce (SGLang's warm-up and autotune dummy decodes)."""
         if not self.decode_pending:
@@ -134,7 +203,7 @@ class RaasRuntime:
         pending, self.pending_scores = self.pending_scores, None
         if pending is not None:
             live = {id(t.kv) for t in self.requests.values()}
-            pending.fold(lambda state: id(state) in live)
+            pending.fold(lambda state: id(state) in live, self.device_state)
 
     def effective_config(self, custom_params: Any, rid: str | None = None) -> KVPolicyConfig:
         """The request's policy; the defaults if its kv_policy is invalid (requests are
@@ -148,8 +217,9 @@ class RaasRuntime:
                 )
             return self.defaults
 
-    def track(self, row: int, rid: str, custom_params: Any, kv_len: int) -> RequestKV:
-        """The state of the request in `row`, created at its first decode step."""
+    def track(self, row: int, rid: str, custom_params: Any, kv_len: int) -> KVState:
+        """The state of the request in `row`, created at its first decode step (host
+        mode; `begin_decode_step` drives both modes)."""
         tracked = self.requests.get(row)
         if tracked is not None and tracked.rid == rid:
             return tracked.kv
@@ -163,7 +233,109 @@ class RaasRuntime:
         self.requests[row] = Tracked(rid, kv)
         return kv
 
-    def get(self, row: int) -> RequestKV | None:
+    def begin_decode_step(
+        self, entries: list[tuple[int, str, Any, int]], req_to_token: torch.Tensor
+    ) -> DecodeStep:
+        """The bookkeeping of one decode step, before its allocation.
+
+        entries: (row, rid, custom_params, kv length) of each request in batch order.
+        Folds the last forward's scores, starts the state of requests at their first
+        decode step, accounts each request's new token and evicts down to the budgets:
+        on the device for the requests the device state serves (victim counts from the
+        host's `RowPlan`s, nothing read back), per request on the host for the rest.
+        """
+        self.fold_pending_scores()
+        device = self.device_state
+        step = DecodeStep([], [], [], [], None, 0)
+        fresh: list[tuple[int, KVPolicyConfig, int]] = []
+        dev_rows: list[int] = []
+        dev_victims: list[int] = []
+        dev_held: list[int] = []
+        for row, rid, custom_params, kv_len in entries:
+            tracked = self.requests.get(row)
+            stepped = False
+            if tracked is not None and tracked.rid == rid:
+                state = tracked.kv
+            else:
+                prior = self.suspended.pop(rid, None)
+                if prior is not None and kv_len >= prior.table.prompt_len:
+                    # A retracted request, re-prefilled with its whole history: its
+                    # generated part counts as decode pages again, evicted to the budget.
+                    self.finished.pop(rid, None)
+                    kv = RequestKV.resumed(prior, kv_len)
+                    if device is not None and kv.config.name in DEVICE_POLICIES:
+                        # Replayed on the host once (nothing scored it since the
+                        # re-prefill), then handed to the device as it stands.
+                        freed = kv.begin_step()
+                        step.host_rows.extend([row] * len(freed))
+                        step.host_positions.extend(freed)
+                        state = self._resume_on_device(row, kv)
+                        stepped = True
+                    else:
+                        state = kv
+                else:
+                    config = self.effective_config(custom_params, rid)
+                    if device is not None and config.name in DEVICE_POLICIES:
+                        state = RowPlan(config, prompt_len=kv_len)
+                        fresh.append((row, config, kv_len))
+                    else:
+                        state = RequestKV(config, prompt_len=kv_len)
+                self.requests[row] = Tracked(rid, state)
+            if not stepped:
+                if isinstance(state, RowPlan):
+                    dev_rows.append(row)
+                    dev_victims.append(state.begin_step())
+                    dev_held.append(state.held_pages)
+                else:
+                    freed = state.begin_step()
+                    step.host_rows.extend([row] * len(freed))
+                    step.host_positions.extend(freed)
+            if state.table.seq_len != kv_len + 1:
+                raise RuntimeError(
+                    f"raas: request {rid} expected kv length {state.table.seq_len - 1}, "
+                    f"engine has {kv_len}"
+                )
+            step.rows.append(row)
+            step.states.append(state)
+        if device is not None:
+            if fresh:
+                rows, configs, prompts = zip(*fresh, strict=True)
+                device.start(rows, configs, prompts)
+            if dev_rows:
+                step.device_slots = device.step(dev_rows, dev_victims, dev_held, req_to_token)
+                step.device_victim_pages = sum(dev_victims)
+            self.steps_done += 1
+            if device.device.type == "cpu" or self.steps_done % check_every_steps() == 0:
+                device.check()
+        self.set_step_batch(step.rows, step.states)
+        return step
+
+    def _resume_on_device(self, row: int, kv: RequestKV) -> RowPlan:
+        """Move a host-replayed resumed request's state into its device row."""
+        assert self.device_state is not None
+        table = kv.table
+        held = list(table.retained)
+        policy = kv.policy
+        used = [policy.last_used[p] for p in held] if hasattr(policy, "last_used") else None
+        self.device_state.start(
+            [row],
+            [kv.config],
+            [table.prompt_len],
+            decode_lens=[table.decode_len],
+            steps=[kv.step],
+            pages=[held],
+            last_used=[used] if used is not None else None,
+        )
+        return RowPlan(
+            kv.config,
+            table.prompt_len,
+            decode_len=table.decode_len,
+            held_full_pages=len(held) - (1 if table.decode_len else 0),
+            evicted_pages=table.evicted_pages,
+            peak_retained_tokens=table.peak_retained_tokens,
+        )
+
+    def get(self, row: int) -> KVState | None:
         tracked = self.requests.get(row)
         return tracked.kv if tracked else None
 
@@ -193,6 +365,16 @@ class RaasRuntime:
     def evicted_positions(self, row: int) -> int:
         kv = self.get(row)
         return kv.table.evicted_tokens if kv else 0
+
+
+# How often a GPU's device state is checked (a read back); every step on the CPU and
+# under SGLang's own page-invariant checks.
+CHECK_EVERY_STEPS = 256
+
+
+def check_every_steps() -> int:
+    strict = os.environ.get("SGLANG_CHECK_KV_PAGE_INVARIANTS", "").lower() in ("1", "true")
+    return 1 if strict else CHECK_EVERY_STEPS
 
 
 _RUNTIME: RaasRuntime | None = None

@@ -2,9 +2,11 @@
 
 - Before `ScheduleBatch.maybe_evict_swa` (the top of every decode allocation, the same
   point SGLang uses for sliding-window eviction): each request folds the last step's
-  scores, accounts its new token, and evicts pages over budget. Their slots go back to
-  the allocator at once and their `req_to_token` entries are set to the padding slot 0,
-  so SGLang's page-invariant checker never sees a freed slot owned by a live request.
+  scores, accounts its new token, and evicts pages over budget
+  (`RaasRuntime.begin_decode_step`: on the device for the batched state, per request
+  on the host otherwise). Their slots go back to the allocator at once and their
+  `req_to_token` entries are set to the padding slot 0, so SGLang's page-invariant
+  checker never sees a freed slot owned by a live request.
 - Around `BasePrefixCache.free_kv_row`: the finish-time free skips evicted positions
   (slot 0), so no slot is freed twice.
 - Around `release_kv_cache`: the request's state is dropped (finish, abort), or kept
@@ -32,36 +34,25 @@ def before_decode_alloc(batch: Any, *args: Any, **kwargs: Any) -> None:
     runtime = current_runtime()
     if runtime is None or not batch.forward_mode.is_decode():
         return None
-    # The last forward's page scores (the CUDA path defers them to here: one read).
-    runtime.fold_pending_scores()
     rtt = batch.req_to_token_pool.req_to_token
     allocator = batch.token_to_kv_pool_allocator
-    kv_lens = batch.seq_lens_cpu.tolist()
-    rows: list[int] = []
-    states = []
-    victim_rows: list[int] = []
-    victim_positions: list[int] = []
-    for req, kv_len in zip(batch.reqs, kv_lens, strict=True):
-        row = req.kv.req_pool_idx
-        state = runtime.track(row, req.rid, req.sampling_params.custom_params, kv_len)
-        positions = state.begin_step()
-        if state.table.seq_len != kv_len + 1:
-            raise RuntimeError(
-                f"raas: request {req.rid} expected kv length {state.table.seq_len - 1}, "
-                f"engine has {kv_len}"
-            )
-        rows.append(row)
-        states.append(state)
-        victim_rows.extend([row] * len(positions))
-        victim_positions.extend(positions)
-    runtime.set_step_batch(rows, states)
-    if victim_positions:
-        row_t = torch.tensor(victim_rows, dtype=torch.int64, device=rtt.device)
-        pos_t = torch.tensor(victim_positions, dtype=torch.int64, device=rtt.device)
+    entries = [
+        (req.kv.req_pool_idx, req.rid, req.sampling_params.custom_params, kv_len)
+        for req, kv_len in zip(batch.reqs, batch.seq_lens_cpu.tolist(), strict=True)
+    ]
+    step = runtime.begin_decode_step(entries, rtt)
+    if step.device_slots is not None and step.device_slots.numel():
+        # Already replaced by the padding slot in req_to_token, and checked there
+        # (`RowPolicyState.check`); the length is the host's count, nothing was read.
+        allocator.free(step.device_slots)
+        runtime.evicted_slots_total += step.device_slots.numel()
+    if step.host_positions:
+        row_t = torch.tensor(step.host_rows, dtype=torch.int64, device=rtt.device)
+        pos_t = torch.tensor(step.host_positions, dtype=torch.int64, device=rtt.device)
         slots = rtt[row_t, pos_t].to(torch.int64)
         # One check for the whole step (one host read on a GPU, not one per request).
         if bool((slots == PADDING_SLOT).any()):
-            bad = sorted({r for r, s in zip(victim_rows, slots.tolist(), strict=True) if s == 0})
+            bad = sorted({r for r, s in zip(step.host_rows, slots.tolist(), strict=True) if s == 0})
             raise RuntimeError(f"raas: rows {bad} evict a position already freed")
         rtt[row_t, pos_t] = PADDING_SLOT
         allocator.free(slots)

@@ -24,10 +24,31 @@ import torch
 
 from raas_backend.request_kv import RequestKV
 from raas_backend.retention import attended_tokens
+from raas_backend.row_plan import RowPlan
+
+
+class _StepTotals:
+    """What the planner reads off a step's offsets (both layouts have them)."""
+
+    kv_indptr: torch.Tensor
+    page_indptr: torch.Tensor
+
+    @property
+    def total_tokens(self) -> int:
+        return int(self.kv_indptr[-1])
+
+    @property
+    def num_pages(self) -> int:
+        return int(self.page_indptr[-1])
+
+    @property
+    def max_pages_per_request(self) -> int:
+        counts = self.page_indptr[1:] - self.page_indptr[:-1]
+        return int(counts.max()) if counts.numel() else 0
 
 
 @dataclass(frozen=True)
-class StepLists:
+class StepLists(_StepTotals):
     """The segments of one decode step, all host-side.
 
     seg_row, seg_start, seg_len: shape [S], dtype torch.int64: segment s covers
@@ -48,19 +69,6 @@ class StepLists:
     scored_start: torch.Tensor
     page_indptr: torch.Tensor
     states: list[RequestKV | None]
-
-    @property
-    def total_tokens(self) -> int:
-        return int(self.kv_indptr[-1])
-
-    @property
-    def num_pages(self) -> int:
-        return int(self.page_indptr[-1])
-
-    @property
-    def max_pages_per_request(self) -> int:
-        counts = self.page_indptr[1:] - self.page_indptr[:-1]
-        return int(counts.max()) if counts.numel() else 0
 
 
 def build_step_lists(
@@ -198,3 +206,75 @@ def expand_segments(
         page_out[:total].copy_(token_page)
         token_page = page_out[:total]
     return out[:total], token_page
+
+
+@dataclass(frozen=True)
+class StepPlan(_StepTotals):
+    """The host's sizes of one decode step whose lists the device state builds
+    (`RowPolicyState.build_lists`), in the layout `StepLists` describes.
+
+    heads, lengths, page_starts: per request, as `build_lists` takes them.
+    kv_indptr, scored_start, page_indptr: shape [B + 1] / [B] / [B + 1], dtype
+        torch.int32, host-side.
+    """
+
+    heads: list[int]
+    lengths: list[int]
+    page_starts: list[int]
+    kv_indptr: torch.Tensor
+    scored_start: torch.Tensor
+    page_indptr: torch.Tensor
+    states: list[RequestKV | RowPlan | None]
+
+
+def plan_step(
+    rows: Sequence[int],
+    seq_lens: Sequence[int],
+    states: Sequence[RequestKV | RowPlan | None],
+) -> StepPlan:
+    """Sizes of the step's lists from the host's counts alone.
+
+    A `RowPlan` lists its prompt and held pages (the device state knows which);
+    quest's per-request state and untracked rows (None) list their whole row.
+    """
+    if not len(rows) == len(seq_lens) == len(states):
+        raise ValueError(
+            f"expected rows, seq_lens and states of one length, got "
+            f"{len(rows)}, {len(seq_lens)}, {len(states)}"
+        )
+    heads, lengths, counts = [], [], []
+    for row, seq_len, state in zip(rows, seq_lens, states, strict=True):
+        if isinstance(state, RowPlan):
+            if state.seq_len != seq_len:
+                raise RuntimeError(
+                    f"raas: row {row} has {state.seq_len} positions, engine {seq_len}"
+                )
+            heads.append(state.list_head)
+            lengths.append(state.listed_tokens)
+            counts.append(state.scored_pages)
+        elif state is None or state.selects_per_layer:
+            heads.append(seq_len)
+            lengths.append(seq_len)
+            counts.append(0)
+        else:
+            raise RuntimeError(
+                f"raas: row {row} holds a {state.config.name} request outside the device state"
+            )
+    page_indptr = [0]
+    for c in counts:
+        page_indptr.append(page_indptr[-1] + c)
+    kv_indptr = [0]
+    for n in lengths:
+        kv_indptr.append(kv_indptr[-1] + n)
+    return StepPlan(
+        heads=heads,
+        lengths=lengths,
+        page_starts=[page_indptr[i] if c else -1 for i, c in enumerate(counts)],
+        kv_indptr=torch.tensor(kv_indptr, dtype=torch.int32),
+        scored_start=torch.tensor(
+            [h if c else n for h, n, c in zip(heads, lengths, counts, strict=True)],
+            dtype=torch.int32,
+        ),
+        page_indptr=torch.tensor(page_indptr, dtype=torch.int32),
+        states=list(states),
+    )

@@ -6,7 +6,9 @@ layers (max or mean), and requests in one batch may choose differently. So each 
 folds its mass into four static accumulators, one per (head, layer) aggregation, with
 static shapes (CUDA-graph safe: no host reads, no allocation). After the step the host
 reads the pages it listed, once, and hands each request its row of the accumulator its
-configuration names (`RequestKV.add_step_scores`).
+configuration names (`RequestKV.add_step_scores`), or, for the requests the batched
+device state serves, folds them there without reading anything back
+(`RowPolicyState.fold_scores`).
 
 With tensor parallelism each rank holds only its heads: the accumulators are reduced
 across the group (max for head-max, sum of per-rank means for head-mean) before the
@@ -20,15 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
+from raas_backend.kernels.row_policy_state import AGG_ROWS, RowPolicyState
 from raas_backend.request_kv import RequestKV
+from raas_backend.row_plan import RowPlan
 
-# Rows of the accumulator: (head_agg, layer_agg).
-AGG_ROWS: dict[tuple[str, str], int] = {
-    ("max", "max"): 0,
-    ("max", "mean"): 1,
-    ("mean", "max"): 2,
-    ("mean", "mean"): 3,
-}
+__all__ = ["AGG_ROWS", "PendingScores", "StepScores"]
 
 # all_reduce(tensor, op) over the tensor-parallel group; op is "max" or "sum".
 AllReduce = Callable[[torch.Tensor, str], None]
@@ -77,12 +75,19 @@ class PendingScores:
     num_pages: int
     layers: int
     page_indptr: list[int]
-    states: list[RequestKV | None]
+    states: list[RequestKV | RowPlan | None]
     tp_size: int = 1
     all_reduce: AllReduce | None = None
+    #: The forward's rows, in batch order (the device state is indexed by row).
+    rows: list[int] | None = None
 
-    def fold(self, still_running: Callable[[RequestKV], bool]) -> None:
-        """Hand each request its scores (one host read for the whole batch).
+    def fold(
+        self,
+        still_running: Callable[[RequestKV | RowPlan], bool],
+        device_state: RowPolicyState | None = None,
+    ) -> None:
+        """Hand each request its scores: into the device state for the requests it
+        serves (no read back), by one host read for the per-request states.
 
         still_running: whether a state is still the live state of its row (a request
         that finished or was retracted since the forward gets nothing).
@@ -96,10 +101,28 @@ class PendingScores:
             # Per-rank head means average to the mean over all heads.
             self.all_reduce(acc[2:4], "sum")
             acc[2:4] /= self.tp_size
+        scored = [
+            b
+            for b, state in enumerate(self.states)
+            if state is not None and state.needs_scores and still_running(state)
+        ]
+        on_device = [b for b in scored if isinstance(self.states[b], RowPlan)]
+        if on_device:
+            if device_state is None or self.rows is None:
+                raise RuntimeError("raas: device-state scores without the device state")
+            device_state.fold_scores(
+                [self.rows[b] for b in on_device],
+                [self.page_indptr[b] for b in on_device],
+                [self.page_indptr[b + 1] - self.page_indptr[b] for b in on_device],
+                acc,
+                self.layers,
+            )
+        on_host = [b for b in scored if not isinstance(self.states[b], RowPlan)]
+        if not on_host:
+            return
         host = acc.float().cpu()
-        for b, state in enumerate(self.states):
-            if state is None or not state.needs_scores or not still_running(state):
-                continue
+        for b in on_host:
+            state = self.states[b]
             lo, hi = self.page_indptr[b], self.page_indptr[b + 1]
             row = AGG_ROWS[(state.config.head_agg, state.config.layer_agg)]
             state.add_step_scores(host[row, lo:hi], self.layers)
