@@ -194,22 +194,31 @@ def markdown(results: dict, plots: Path, doc: Path) -> str:
     rows = []
     for lab in labels:
         cells = {r["sequence"]: r for r in sel if r["label"] == lab}
-        kl = [cells[s]["mean_kl"] for s in seq_names]
+        kl = [cells[s]["mean_kl"] if s in cells else None for s in seq_names]
         old = [kept[(s, lab)]["old_page_fraction"] for s in seq_names if (s, lab) in kept]
         window = all(
             not kept[(s, lab)]["differs_from_window"] for s in seq_names if (s, lab) in kept
         )
+        # A row a time-limited rerun left without some sequences has no mean over them.
+        whole = len(cells) == len(seq_names)
         rows.append(
             [
                 lab + (" **(chosen)**" if lab == choice["label"] else ""),
                 *(_fmt(k) for k in kl),
-                _fmt(mean(kl)),
-                _fmt(mean(cells[s]["top1_agreement"] for s in seq_names)),
+                _fmt(mean(kl)) if whole else "-",
+                _fmt(mean(cells[s]["top1_agreement"] for s in seq_names)) if whole else "-",
                 _fmt(mean(old)) if old else "-",
                 "= window" if old and window else "",
             ]
         )
-    rows.sort(key=lambda r: float(r[len(seq_names) + 1]) if r[0] != "dense" else -1)
+
+    def rank(row: list[str]) -> float:
+        if row[0] == "dense":
+            return -1.0
+        value = row[len(seq_names) + 1]
+        return float(value) if value != "-" else float("inf")
+
+    rows.sort(key=rank)
     lines += _table(["configuration", *seq_names, "mean KL", "top-1", "old pages", ""], rows)
     lines += [f"![raas variants]({rel / 'variants.png'})", ""]
     v = choice["variant"]

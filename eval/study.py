@@ -277,10 +277,12 @@ def rerun_baselines(
     out_dir: Path,
     names: tuple[str, ...],
     time_limit_s: float | None = None,
+    sequences: tuple[str, ...] | None = None,
 ) -> dict:
     """Rerun the baselines `names` (labels: a policy name or QUEST_LAYER) on every
     sequence, budget and free-running prompt of an earlier run (its results.json in
-    `out_dir`) and put their rows in place of that run's. Each sequence is one batch of
+    `out_dir`), or only on the named `sequences` (and free-running prompts), and put
+    their rows in place of that run's. Each sequence is one batch of
     dense and these rows; a row's figures depend only on its own policy and dense (rows
     of a batch never interact), so they are what a whole new run would give them. The
     milestone plot, drawn from the selection stage, is left as it is."""
@@ -290,14 +292,22 @@ def rerun_baselines(
     _label_old_quest(results)
     runner = BatchedPolicyRunner(model)
     seqs = _study_sequences(corpus, grid)
+    if sequences is not None:
+        unknown = sorted(set(sequences) - {s.name for s in seqs})
+        if unknown:
+            raise ValueError(f"expected sequences of the study, got {unknown}")
     sel_names = results["meta"]["selection_sequences"]
     sb = grid.select_budget
     out_of_time = _deadline_check(results, time_limit_s)
     t0 = time.perf_counter()
     for seq in seqs:
         what = f"rerun of {', '.join(names)} on {seq.name}"
+        if sequences is not None and seq.name not in sequences:
+            continue
         if out_of_time(what):
             continue
+        if what in results["skipped"]:
+            results["skipped"].remove(what)
         configs = [DENSE] + [baseline(n, b) for b in grid.budgets for n in names]
         _log(f"{what}: {len(configs)} rows")
         res, obs = teacher_force(runner, seq, configs)
@@ -324,8 +334,13 @@ def rerun_baselines(
     by_name = {s.name: s for s in seqs}
     for name in grid.free_run_prompts:
         seq = by_name.get(name)
-        if seq is None or out_of_time(f"free running of {', '.join(names)} from {name}"):
+        what = f"free running of {', '.join(names)} from {name}"
+        if seq is None or (sequences is not None and name not in sequences):
             continue
+        if out_of_time(what):
+            continue
+        if what in results["skipped"]:
+            results["skipped"].remove(what)
         configs = [DENSE] + [baseline(n, b) for b in grid.free_run_budgets for n in names]
         _log(f"free running from {name}: {len(configs)} rows x {grid.free_run_tokens}")
         res = runner.run(seq.prompt_ids, configs, grid.free_run_tokens)
@@ -343,7 +358,7 @@ def rerun_baselines(
                 }
             )
     key = f"rerun {', '.join(names)}"
-    results["timing_s"][key] = time.perf_counter() - t0
+    results["timing_s"][key] = results["timing_s"].get(key, 0.0) + time.perf_counter() - t0
     (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     report.plot_all(results, None, grid, out_dir)
     return results
@@ -476,6 +491,12 @@ def main(argv: list[str] | None = None) -> None:
         help=f"rerun these baselines (of {', '.join(BASELINES)}) on an earlier run's "
         "sequences, budgets and free-running prompts, and merge them in",
     )
+    parser.add_argument(
+        "--sequences",
+        nargs="+",
+        default=None,
+        help="with --rerun: only these sequences (and free-running prompts)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--corpus", type=Path, default=CORPUS_FILE)
     parser.add_argument(
@@ -505,7 +526,10 @@ def main(argv: list[str] | None = None) -> None:
             unknown = sorted(set(args.rerun) - set(BASELINES))
             if unknown:
                 parser.error(f"--rerun: expected baselines of {BASELINES}, got {unknown}")
-            results = rerun_baselines(model, corpus, grid, args.out, tuple(args.rerun), limit)
+            only = tuple(args.sequences) if args.sequences else None
+            results = rerun_baselines(
+                model, corpus, grid, args.out, tuple(args.rerun), limit, sequences=only
+            )
         else:
             study = resume_study if args.resume else run_study
             results = study(model, corpus, grid, args.out, limit)
