@@ -6,12 +6,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from raas_backend import policy_spec
+
 # `dense` keeps everything and `none` sends no extension at all (an endpoint that is not
 # ours, or the server's own default): neither takes a budget.
 UNBUDGETED = ("dense", "none")
 KNOWN_POLICIES = ("dense", "raas", "streaming", "h2o", "quest", "none")
-# The gateway's minimum (RAAS_KV_MIN_BUDGET_TOKENS): two pages of 16.
-MIN_BUDGET = 32
+# The gateway's and the engine's floor at the default page size: two pages.
+MIN_BUDGET = policy_spec.min_budget_tokens()
 
 
 @dataclass(frozen=True)
