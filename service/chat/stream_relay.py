@@ -88,6 +88,21 @@ def normalize_engine_error(payload: Any) -> bytes:
     )
 
 
+# SGLang's router (smg) ends a stream whose engine connection broke with an error event
+# of its own, `{"error": {"message": "Stream error: ..."}}` and no status code, then
+# `[DONE]`: the same failure as an engine that dropped the gateway's own connection.
+_ROUTER_STREAM_ERROR = "Stream error:"
+
+
+def _router_lost_engine(chunk: dict[str, Any]) -> bool:
+    detail = chunk.get("error")
+    return (
+        isinstance(detail, dict)
+        and not isinstance(detail.get("code"), int)
+        and str(detail.get("message", "")).startswith(_ROUTER_STREAM_ERROR)
+    )
+
+
 def has_token(chunk: dict[str, Any]) -> bool:
     for choice in chunk.get("choices") or ():
         delta = choice.get("delta") or {}
@@ -172,7 +187,7 @@ class StreamRelay:
                 if out:
                     yield b"".join(out)
             if saw_done:
-                if self.result.outcome != "engine_error":
+                if self.result.outcome not in ("engine_error", "engine_unavailable"):
                     self.result.outcome = "success"
             else:
                 tail = self._ended_early(
@@ -213,6 +228,9 @@ class StreamRelay:
             return sse_raw(data)
         if not isinstance(chunk, dict):
             return sse_raw(data)
+        if _router_lost_engine(chunk):
+            self.result.engine_errors.append(str(chunk["error"])[:200])
+            return self._ended_early("The inference engine connection failed mid-stream")[0]
         if "error" in chunk:
             self.result.outcome = "engine_error"
             self.result.engine_errors.append(str(chunk["error"])[:200])

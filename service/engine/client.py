@@ -11,6 +11,7 @@ relay map them to OpenAI errors (503, 504) in one place.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from enum import StrEnum
@@ -30,6 +31,12 @@ CHAT_PATH = "/v1/chat/completions"
 # behind a long prefill. /model_info is answered by the HTTP front end alone.
 GENERATE_PROBE_PATH = "/health_generate"
 FRONT_END_PROBE_PATH = "/model_info"
+# SGLang's router (smg) in front of N engines answers these itself, and a plain engine
+# answers 404: the list of its engines, and whether one of them is healthy. The router
+# does not serve /model_info (it forwards the older /get_model_info to an engine).
+ROUTER_WORKERS_PATH = "/workers"
+ROUTER_READINESS_PATH = "/readiness"
+ROUTER_MODEL_INFO_PATH = "/get_model_info"
 ABORT_TIMEOUT_S = 5.0
 # After `[DONE]` the engine ends the body at once; a keep-alive connection is worth a
 # short wait for that, not more.
@@ -327,14 +334,34 @@ class EngineClient:
             finally:
                 await resp.aclose()
 
+    async def replicas(self) -> list[str]:
+        """The engines' URLs when the engine URL is SGLang's router (its worker list), or
+        [] for a plain engine (404 there) and when the list cannot be read."""
+        try:
+            status, raw = await self._exchange(
+                "GET", ROUTER_WORKERS_PATH, None, self._metrics_timeout_s
+            )
+            if status != 200:
+                return []
+            return [str(w["url"]).rstrip("/") for w in json_codec.loads(raw)["workers"]]
+        except (httpx.TransportError, TimeoutError, ValueError, KeyError, TypeError):
+            return []
+
     async def abort(self, rid: str) -> bool:
-        """Ask SGLang to drop a request and free its KV now."""
+        """Ask SGLang to drop a request and free its KV now. Behind a router, every engine
+        it lists is asked: the one holding `rid` drops it, the others have no such rid."""
+        replicas = await self.replicas()
+        if not replicas:
+            return await self._abort_at("", rid)
+        return any(await asyncio.gather(*(self._abort_at(url, rid) for url in replicas)))
+
+    async def _abort_at(self, base: str, rid: str) -> bool:
         try:
             status, _ = await self._exchange(
-                "POST", "/abort_request", {"rid": rid}, ABORT_TIMEOUT_S
+                "POST", f"{base}/abort_request", {"rid": rid}, ABORT_TIMEOUT_S
             )
         except (httpx.TransportError, TimeoutError) as exc:
-            log.warning("engine.abort_failed", rid=rid, error=_describe(exc))
+            log.warning("engine.abort_failed", rid=rid, engine=base, error=_describe(exc))
             return False
         return status == 200
 
@@ -360,19 +387,34 @@ class EngineClient:
             return Health.SLOW
         except httpx.TransportError:
             return Health.DOWN
+        if resp.status_code == 404 and path == FRONT_END_PROBE_PATH:
+            # A router: its own readiness says whether one of its engines is healthy.
+            return await self.probe(timeout_s, ROUTER_READINESS_PATH)
         if resp.status_code != 200:
             return Health.DOWN
         if path == GENERATE_PROBE_PATH:
             self.activity.progress()  # the scheduler produced output just now
         return Health.OK
 
-    async def metrics_text(self) -> str | None:
-        """SGLang's Prometheus exposition (needs --enable-metrics); None when unreachable."""
+    async def metrics_text(self, base: str = "") -> str | None:
+        """SGLang's Prometheus exposition (needs --enable-metrics) of the engine, or of the
+        engine at `base`; None when unreachable."""
         try:
-            status, raw = await self._exchange("GET", "/metrics", None, self._metrics_timeout_s)
+            status, raw = await self._exchange(
+                "GET", f"{base}/metrics", None, self._metrics_timeout_s
+            )
         except (httpx.TransportError, TimeoutError):
             return None
         return raw.decode("utf-8", errors="replace") if status == 200 else None
+
+    async def replica_metrics(self) -> dict[str, str | None] | str | None:
+        """Behind a router, each engine's exposition by its URL (None where it did not
+        answer); otherwise the one engine's."""
+        replicas = await self.replicas()
+        if not replicas:
+            return await self.metrics_text()
+        texts = await asyncio.gather(*(self.metrics_text(url) for url in replicas))
+        return dict(zip(replicas, texts, strict=True))
 
     async def model_info(self) -> dict[str, Any] | None:
         """SGLang's /model_info (the served model and its parsers); None when unreachable."""
@@ -380,6 +422,10 @@ class EngineClient:
             status, raw = await self._exchange(
                 "GET", FRONT_END_PROBE_PATH, None, self._metrics_timeout_s
             )
+            if status == 404:  # a router: it forwards the older path to an engine
+                status, raw = await self._exchange(
+                    "GET", ROUTER_MODEL_INFO_PATH, None, self._metrics_timeout_s
+                )
             info = json_codec.loads(raw) if status == 200 else None
         except (httpx.TransportError, TimeoutError, ValueError):
             return None

@@ -54,6 +54,13 @@ Engine (supervision, and SGLang's own /metrics re-exported at each scrape)
 - raas_engine_prompt_tokens_total                   counter   sglang:prompt_tokens_total
 - raas_engine_generation_tokens_total               counter   sglang:generation_tokens_total
 - raas_engine_aborted_requests_total                counter   sglang:num_aborted_requests_total
+  Behind SGLang's router the raas_engine_* series are over all its engines: up when one
+  answered, the rest summed, and the KV usage ratio is used over capacity of the sums
+  (never a sum of ratios, nor one with data-parallel ranks).
+- raas_engine_replica_up{replica}                   gauge     1 when that engine's /metrics answered
+- raas_engine_replica_running_requests{replica}     gauge     ... its sglang:num_running_reqs
+- raas_engine_replica_queued_requests{replica}      gauge     ... its sglang:num_queue_reqs
+- raas_engine_replica_kv_usage_ratio{replica}       gauge     ... its KV used over capacity
 
 Every labelled series above whose labels are known in advance (policies, stream flags,
 rejection and abort reasons) exists at zero from start-up, and so do the engine's
@@ -69,7 +76,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -182,10 +189,20 @@ ENGINE_COUNTERS = (
 )
 
 
+USAGE_RATIO = "sglang:token_usage"
+USED_TOKENS = "sglang:kv_used_tokens"
+CAPACITY_TOKENS = "sglang:max_total_num_tokens"
+
+
 def parse_engine_metrics(text: str) -> dict[str, float]:
-    """Sum each wanted SGLang family over its label sets (one engine, possibly many ranks)."""
+    """Sum each wanted SGLang family over its label sets (one engine, possibly many ranks).
+
+    The usage ratio is not summed: two data-parallel ranks at 0.6 are a pool at 0.6, not
+    1.2. It is used over capacity where both are exported, else the ranks' mean.
+    """
     wanted = {g.source for g in ENGINE_GAUGES} | {c.source for c in ENGINE_COUNTERS}
     totals: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
     for family in text_string_to_metric_families(text):
         if family.name not in wanted:
             continue
@@ -193,7 +210,51 @@ def parse_engine_metrics(text: str) -> dict[str, float]:
             # Counters parse with name "x" and samples "x_total" (and "x_created").
             if sample.name in (family.name, f"{family.name}_total") and math.isfinite(sample.value):
                 totals[family.name] += sample.value
-    return dict(totals)
+                counts[family.name] += 1
+    if USAGE_RATIO in totals:
+        totals[USAGE_RATIO] /= counts[USAGE_RATIO]
+    return with_usage_ratio(dict(totals))
+
+
+def with_usage_ratio(snapshot: dict[str, float]) -> dict[str, float]:
+    """The KV usage ratio recomputed as used over capacity when both are known."""
+    capacity = snapshot.get(CAPACITY_TOKENS)
+    if capacity and USED_TOKENS in snapshot:
+        snapshot[USAGE_RATIO] = snapshot[USED_TOKENS] / capacity
+    return snapshot
+
+
+def sum_replicas(snapshots: list[dict[str, float]]) -> dict[str, float]:
+    """Engines behind a router as one: counts summed, the ratio from the sums (or the
+    mean of the engines' ratios where capacity is not exported)."""
+    total: dict[str, float] = defaultdict(float)
+    for snapshot in snapshots:
+        for name, value in snapshot.items():
+            total[name] += value
+    ratios = [s[USAGE_RATIO] for s in snapshots if USAGE_RATIO in s]
+    if ratios:
+        total[USAGE_RATIO] = sum(ratios) / len(ratios)
+    return with_usage_ratio(dict(total))
+
+
+# Per-engine series behind a router: (source, name, help).
+REPLICA_GAUGES = (
+    EngineGauge(
+        "sglang:num_running_reqs",
+        "raas_engine_replica_running_requests",
+        "Requests this engine is decoding",
+    ),
+    EngineGauge(
+        "sglang:num_queue_reqs",
+        "raas_engine_replica_queued_requests",
+        "Requests waiting in this engine's scheduler",
+    ),
+    EngineGauge(
+        USAGE_RATIO,
+        "raas_engine_replica_kv_usage_ratio",
+        "Fraction of this engine's KV pool in use",
+    ),
+)
 
 
 class EngineMetricsCollector(Collector):
@@ -201,18 +262,19 @@ class EngineMetricsCollector(Collector):
 
     def __init__(self) -> None:
         self.snapshot: dict[str, float] | None = None
+        # Behind a router: each engine's snapshot by URL (None where it did not answer).
+        self.replicas: dict[str, dict[str, float] | None] = {}
         self.bytes_per_token: int | None = None
 
-    def update(self, text: str | None) -> None:
-        if text is None:
-            self.snapshot = None
+    def update(self, texts: str | None | Mapping[str, str | None]) -> None:
+        """One engine's exposition, or each engine's by URL behind a router."""
+        if texts is None or isinstance(texts, str):
+            self.replicas = {}
+            self.snapshot = _parse_or_none(texts)
             return
-        try:
-            self.snapshot = parse_engine_metrics(text)
-        except ValueError as exc:
-            # A broken scrape must not take the gateway's own metrics down with it.
-            log.warning("engine.metrics_unparsable", error=str(exc)[:200])
-            self.snapshot = None
+        self.replicas = {url: _parse_or_none(text) for url, text in texts.items()}
+        answered = [s for s in self.replicas.values() if s is not None]
+        self.snapshot = sum_replicas(answered) if answered else None
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -221,6 +283,7 @@ class EngineMetricsCollector(Collector):
         up = GaugeMetricFamily("raas_engine_up", "1 when the engine's /metrics answered")
         up.add_metric([], 1.0 if self.snapshot is not None else 0.0)
         yield up
+        yield from self._collect_replicas()
         if self.snapshot is None:
             return
         for gauge in ENGINE_GAUGES:
@@ -242,6 +305,30 @@ class EngineMetricsCollector(Collector):
             cfamily = CounterMetricFamily(counter.name, counter.help)
             cfamily.add_metric([], self.snapshot.get(counter.source, 0.0))
             yield cfamily
+
+    def _collect_replicas(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "raas_engine_replica_up", "1 when this engine's /metrics answered", labels=["replica"]
+        )
+        families = [GaugeMetricFamily(g.name, g.help, labels=["replica"]) for g in REPLICA_GAUGES]
+        for url, snapshot in self.replicas.items():
+            up.add_metric([url], 0.0 if snapshot is None else 1.0)
+            for gauge, family in zip(REPLICA_GAUGES, families, strict=True):
+                if snapshot is not None and gauge.source in snapshot:
+                    family.add_metric([url], snapshot[gauge.source])
+        yield up
+        yield from families
+
+
+def _parse_or_none(text: str | None) -> dict[str, float] | None:
+    if text is None:
+        return None
+    try:
+        return parse_engine_metrics(text)
+    except ValueError as exc:
+        # A broken scrape must not take the gateway's own metrics down with it.
+        log.warning("engine.metrics_unparsable", error=str(exc)[:200])
+        return None
 
 
 class GatewayMetrics:

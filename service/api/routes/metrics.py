@@ -12,7 +12,8 @@ router = APIRouter(tags=["metrics"])
 async def metrics(
     gateway: MetricsDep, monitor: EngineMonitorDep, engine: EngineClientDep
 ) -> Response:
-    """Prometheus exposition; scrapes the engine's /metrics on the way (bounded timeout)."""
+    """Prometheus exposition; scrapes the engine's /metrics on the way (bounded timeout),
+    each engine's behind a router."""
     gateway.sync_engine_state(monitor.ready, monitor.restarts)
-    gateway.engine.update(await engine.metrics_text())
+    gateway.engine.update(await engine.replica_metrics())
     return Response(generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST)
