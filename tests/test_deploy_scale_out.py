@@ -153,6 +153,10 @@ def test_router_discovers_exactly_the_engine_pods() -> None:
     binding = named("RoleBinding", "raas-router")
     assert binding["subjects"][0]["name"] == pod_spec("raas-router")["serviceAccountName"]
     assert arg_values(args, "--policy") == ["least_load"]
+    # A router rollout lets the streams it relays finish within the pod's grace period.
+    grace = int(arg_values(args, "--shutdown-grace-period-secs")[0])
+    assert grace < pod_spec("raas-router")["terminationGracePeriodSeconds"]
+    assert grace <= int(arg_values(args, "--request-timeout-secs")[0])
 
 
 def test_gateway_sends_to_the_router_service(monkeypatch) -> None:
