@@ -122,6 +122,7 @@ def test_large_budget_equals_stock_torch_native(raas_server, tokenized, torch_na
         {"name": "streaming", "budget_tokens": 32},
         {"name": "h2o", "budget_tokens": 48, "recent_tokens": 16},
         {"name": "quest", "budget_tokens": 32},
+        {"name": "quest", "budget_tokens": 32, "quest_selection": "layer"},
     ],
     ids=lambda p: "-".join(str(v) for v in p.values()),
 )
