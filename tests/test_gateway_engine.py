@@ -124,6 +124,27 @@ def test_chat_matches_sglang_directly_and_echoes_kv_cache(engine, gw):
     assert resp.model == MODEL
 
 
+def test_a_non_streamed_request_is_timed_by_the_engine(gw):
+    """SGLang's per-request timings give a non-streamed request its TTFT and TPOT; its
+    meta_info, which the gateway asked for, does not reach the client."""
+
+    def timed() -> tuple[float, float]:
+        return (
+            gateway_metric(gw, "raas_time_to_first_token_seconds_count", policy="raas"),
+            gateway_metric(gw, "raas_time_per_output_token_seconds_count", policy="raas"),
+        )
+
+    before = timed()
+    resp = httpx.post(
+        f"{gw}/v1/chat/completions",
+        json={"model": MODEL, "messages": PROMPT, "max_tokens": 4, "temperature": 0.0},
+        timeout=120,
+    )
+    assert resp.status_code == 200, resp.text
+    assert "meta_info" not in resp.json()["choices"][0]
+    wait_for(lambda: timed() == (before[0] + 1, before[1] + 1), 10)
+
+
 def test_stream_with_usage_and_header_policy(gw):
     stream = client(gw).chat.completions.create(
         model=MODEL,
