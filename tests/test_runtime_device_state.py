@@ -11,6 +11,7 @@ mode end to end.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from raas_backend.kernels.row_policy_state import RowPolicyState
@@ -19,10 +20,11 @@ from raas_backend.row_plan import RowPlan
 from raas_backend.sglang_plugin.runtime import RaasRuntime, pages_cap, policy_state_mode
 
 
-def test_the_mode_defaults_to_the_device_state_on_a_gpu_and_is_settable():
-    assert policy_state_mode("cuda", {}) == "device"
-    assert policy_state_mode("cpu", {}) == "host"
-    assert policy_state_mode("cpu", {"RAAS_POLICY_STATE": "device"}) == "device"
+def test_the_mode_defaults_to_the_device_state_and_is_settable():
+    assert policy_state_mode({}) == "device"
+    assert policy_state_mode({"RAAS_POLICY_STATE": "host"}) == "host"
+    with pytest.raises(ValueError, match="RAAS_POLICY_STATE"):
+        policy_state_mode({"RAAS_POLICY_STATE": "gpu"})
 
 
 CONTEXT = 512

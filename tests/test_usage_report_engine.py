@@ -5,7 +5,9 @@ The scheduler's numbers reach /generate's `meta_info["raas_kv_cache"]` and the O
 gateway merges. Every count is checked exactly against the policy's own bookkeeping
 replayed for the same prompt length and token count (which pages go is decided by
 attention scores, how many and when only by the budget). Generations stay short: the
-bundled model decodes a few tokens per second here in float32.
+bundled model decodes a few tokens per second here in float32. This engine runs the
+policies per request on the host (RAAS_POLICY_STATE=host, the specification's path),
+so the engine tests cover it too; every other engine test runs the default device state.
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ RAAS_32 = {"name": "raas", "budget_tokens": 32}
 @pytest.fixture(scope="module")
 def server(bundled_model_path):
     with sglang_server(
-        str(bundled_model_path), attention_backend="raas", dtype="float32", max_total_tokens=2048
+        str(bundled_model_path),
+        env={"RAAS_POLICY_STATE": "host"},
+        attention_backend="raas",
+        dtype="float32",
+        max_total_tokens=2048,
     ) as srv:
         yield srv
 

@@ -58,18 +58,14 @@ def max_budget_tokens(environ: dict[str, str] | None = None) -> int:
     return value
 
 
-def policy_state_mode(device_type: str, environ: dict[str, str] | None = None) -> str:
-    """The mode RAAS_POLICY_STATE names; by default "device" on a GPU and "host" on
-    the CPU (where both run on the same processor)."""
+def policy_state_mode(environ: dict[str, str] | None = None) -> str:
+    """The mode RAAS_POLICY_STATE names: "device" by default, on a GPU and on the CPU
+    alike (so the CPU engine runs the bookkeeping the GPU runs)."""
     environ = os.environ if environ is None else environ
-    mode = environ.get(POLICY_STATE_ENV, "device" if device_type == "cuda" else "host")
+    mode = environ.get(POLICY_STATE_ENV, "device")
     if mode not in POLICY_STATE_MODES:
         raise ValueError(f"{POLICY_STATE_ENV} must be one of {POLICY_STATE_MODES}, got {mode!r}")
     return mode
-
-
-def torch_device_type(device: object) -> str:
-    return getattr(device, "type", None) or str(device).split(":")[0]
 
 
 def pages_cap(page_size: int) -> int:
@@ -173,10 +169,7 @@ class RaasRuntime:
     def attach_device_state(self, rows: int, device: torch.device | str) -> None:
         """Give the batched device state its tables (the backend's constructor calls
         this with the engine's row count and device), unless RAAS_POLICY_STATE=host."""
-        if (
-            self.device_state is not None
-            or policy_state_mode(torch_device_type(device)) != "device"
-        ):
+        if self.device_state is not None or policy_state_mode() != "device":
             return
         from raas_backend.kernels.row_policy_state import RowPolicyState
 
