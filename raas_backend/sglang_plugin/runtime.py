@@ -211,18 +211,26 @@ class RaasRuntime:
             return self.defaults
 
     def track(self, row: int, rid: str, custom_params: Any, kv_len: int) -> KVState:
-        """The state of the request in `row`, created at its first decode step (host
-        mode; `begin_decode_step` drives both modes)."""
+        """The state of the request in `row`, created at its first decode step: a
+        `RowPlan` where the device state serves the policy, else a `RequestKV`; a
+        retracted request's state is resumed from what it held (a `RequestKV` replayed
+        on the host, which `begin_decode_step` hands to the device state)."""
         tracked = self.requests.get(row)
         if tracked is not None and tracked.rid == rid:
             return tracked.kv
         prior = self.suspended.pop(rid, None)
+        kv: KVState
         if prior is not None and kv_len >= prior.table.prompt_len:
-            # A retracted request, re-prefilled with its whole history: it stays bounded.
+            # A retracted request, re-prefilled with its whole history: its generated
+            # part counts as decode pages again, evicted back to the budget.
             kv = RequestKV.resumed(prior, kv_len)
             self.finished.pop(rid, None)
         else:
-            kv = RequestKV(self.effective_config(custom_params, rid), prompt_len=kv_len)
+            config = self.effective_config(custom_params, rid)
+            if self.device_state is not None and config.name in DEVICE_POLICIES:
+                kv = RowPlan(config, prompt_len=kv_len)
+            else:
+                kv = RequestKV(config, prompt_len=kv_len)
         self.requests[row] = Tracked(rid, kv)
         return kv
 
@@ -245,35 +253,23 @@ class RaasRuntime:
         dev_victims: list[int] = []
         dev_held: list[int] = []
         for row, rid, custom_params, kv_len in entries:
-            tracked = self.requests.get(row)
+            state = self.track(row, rid, custom_params, kv_len)
             stepped = False
-            if tracked is not None and tracked.rid == rid:
-                state = tracked.kv
-            else:
-                prior = self.suspended.pop(rid, None)
-                if prior is not None and kv_len >= prior.table.prompt_len:
-                    # A retracted request, re-prefilled with its whole history: its
-                    # generated part counts as decode pages again, evicted to the budget.
-                    self.finished.pop(rid, None)
-                    kv = RequestKV.resumed(prior, kv_len)
-                    if device is not None and kv.config.name in DEVICE_POLICIES:
-                        # Replayed on the host once (nothing scored it since the
-                        # re-prefill), then handed to the device as it stands.
-                        freed = kv.begin_step()
-                        step.host_rows.extend([row] * len(freed))
-                        step.host_positions.extend(freed)
-                        state = self._resume_on_device(row, kv)
-                        stepped = True
-                    else:
-                        state = kv
-                else:
-                    config = self.effective_config(custom_params, rid)
-                    if device is not None and config.name in DEVICE_POLICIES:
-                        state = RowPlan(config, prompt_len=kv_len)
-                        fresh.append((row, config, kv_len))
-                    else:
-                        state = RequestKV(config, prompt_len=kv_len)
+            if isinstance(state, RowPlan) and state.decode_len == 0:
+                fresh.append((row, state.config, kv_len))
+            elif (
+                device is not None
+                and isinstance(state, RequestKV)
+                and state.config.name in DEVICE_POLICIES
+            ):
+                # A resumed request, replayed on the host once (nothing scored it since
+                # the re-prefill), stepped there and handed to the device as it stands.
+                freed = state.begin_step()
+                step.host_rows.extend([row] * len(freed))
+                step.host_positions.extend(freed)
+                state = self._resume_on_device(row, state)
                 self.requests[row] = Tracked(rid, state)
+                stepped = True
             if not stepped:
                 if isinstance(state, RowPlan):
                     dev_rows.append(row)
