@@ -35,13 +35,20 @@ def _states() -> list[RequestKV]:
     return out
 
 
-def _run(rank: int, world: int, port: int, out: dict) -> None:
+def _join_group(rank: int, world: int, port: int):
+    """Join the two-rank gloo group; returns all_reduce(tensor, op) over it."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     ops = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
 
     def all_reduce(t: torch.Tensor, op: str) -> None:
         dist.all_reduce(t, op=ops[op])
+
+    return all_reduce
+
+
+def _run(rank: int, world: int, port: int, out: dict) -> None:
+    all_reduce = _join_group(rank, world, port)
 
     states, whole = _states(), _states()
     gen = torch.Generator().manual_seed(7)
@@ -79,12 +86,7 @@ def _run(rank: int, world: int, port: int, out: dict) -> None:
 def _run_device(rank: int, world: int, port: int, out: dict) -> None:
     """The device-state mode: each rank folds its reduced accumulators into its own
     `RowPolicyState` and frees slots from it."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    ops = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
-
-    def all_reduce(t: torch.Tensor, op: str) -> None:
-        dist.all_reduce(t, op=ops[op])
+    all_reduce = _join_group(rank, world, port)
 
     configs = [
         KVPolicyConfig(budget_tokens=48, head_agg=h, layer_agg=la, alpha=0.1) for h, la in AGGS
